@@ -1,0 +1,148 @@
+"""The `fetalpipe` command: import-hc18, train, infer, evaluate, study, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _cmd_import_hc18(args) -> int:
+    from fetalpipe.hc18 import hc_reproduction_error_mm, import_hc18
+
+    manifest = import_hc18(args.hc18_dir)
+    output_dir = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(output_dir, exist_ok=True)
+    manifest["image_path"] = [os.path.relpath(os.path.join(os.path.abspath(args.hc18_dir), p), output_dir) for p in manifest["image_path"]]
+    if args.output.endswith(".parquet"):
+        manifest.to_parquet(args.output, index=False)
+    else:
+        manifest.to_csv(args.output, index=False)
+    error_mm = hc_reproduction_error_mm(manifest)
+    print(f"wrote {len(manifest)} rows to {args.output}")
+    print(f"HC from written endpoints (Ramanujan) vs published HC: mean |diff| {error_mm.mean():.4f} mm, max {error_mm.max():.4f} mm")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from fetalpipe.train import resolve_config, run_training
+
+    config = resolve_config(args.config, {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr})
+    result = run_training(
+        args.manifest, args.output, config, workers=args.workers, threads_per_worker=args.threads_per_worker,
+        max_failures=args.max_failures, ray_address=args.address,
+    )
+    print(json.dumps(result, indent=2, default=float))
+    print(f"model: {os.path.join(args.output, 'model.pt')}")
+    return 0
+
+
+def _cmd_infer(args) -> int:
+    from fetalpipe.infer import InferOptions, run_inference
+
+    options = InferOptions(
+        output_dir=args.output, manifest=args.manifest, input_glob=args.input, model_path=args.model,
+        batch_size=args.batch_size, actors=args.actors, threads_per_actor=args.threads_per_actor,
+        overlays=args.overlays, overwrite=args.overwrite, ray_address=args.address,
+    )
+    summary = run_inference(options)
+    print(json.dumps({k: summary[k] for k in ("rows", "ok", "error", "processed_this_run", "seconds")}, indent=2))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from fetalpipe.evaluate import evaluate_predictions
+
+    summary = evaluate_predictions(args.predictions, args.manifest, args.output)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_study(args) -> int:
+    from fetalpipe.study import run_study
+
+    run_study(args.spec, run_date=args.run_date, ray_address=args.address)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from fetalpipe.infer import run_demo
+
+    run_demo(args.output, ray_address=args.address)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fetalpipe", description="Fetal head biometry (BPD, OFD, HC) from 2D ultrasound, on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    command = commands.add_parser("import-hc18", help="turn the HC18 challenge layout into a training manifest")
+    command.add_argument("hc18_dir")
+    command.add_argument("--output", required=True, help="manifest path (.csv or .parquet)")
+    command.set_defaults(handler=_cmd_import_hc18)
+
+    command = commands.add_parser("train", help="train the U-Net data-parallel with Ray Train (resumes in RUN_DIR)")
+    command.add_argument("--manifest", required=True)
+    command.add_argument("--output", required=True, help="RUN_DIR")
+    command.add_argument("--workers", type=int, default=2)
+    command.add_argument("--threads-per-worker", type=int, default=1)
+    command.add_argument("--epochs", type=int)
+    command.add_argument("--batch-size", type=int)
+    command.add_argument("--lr", type=float)
+    command.add_argument("--config", default="seed", help="seed | fast | a YAML/JSON file")
+    command.add_argument("--max-failures", type=int, default=2)
+    command.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    command.set_defaults(handler=_cmd_train)
+
+    command = commands.add_parser("infer", help="batch inference with a Ray Data actor pool -> Parquet + CSV")
+    source = command.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest")
+    source.add_argument("--input", help="a folder or a glob of image files")
+    command.add_argument("--output", required=True)
+    command.add_argument("--model", help="model.pt (default: the model shipped in the package)")
+    command.add_argument("--batch-size", type=int, default=16)
+    command.add_argument("--actors", type=int, default=2)
+    command.add_argument("--threads-per-actor", type=int, default=1)
+    command.add_argument("--overlays", action="store_true")
+    command.add_argument("--overwrite", action="store_true")
+    command.add_argument("--address")
+    command.set_defaults(handler=_cmd_infer)
+
+    command = commands.add_parser("evaluate", help="compare predictions with reference landmarks/HC")
+    command.add_argument("--predictions", required=True, help="OUT folder of `fetalpipe infer`")
+    command.add_argument("--manifest", required=True)
+    command.add_argument("--output", required=True)
+    command.set_defaults(handler=_cmd_evaluate)
+
+    command = commands.add_parser("study", help="scheduled retrospective studies")
+    study_commands = command.add_subparsers(dest="study_command", required=True)
+    run = study_commands.add_parser("run", help="run STUDY.yaml into ROOT/<name>/<run-date>/")
+    run.add_argument("spec")
+    run.add_argument("--run-date", help="YYYY-MM-DD (default: today)")
+    run.add_argument("--address")
+    run.set_defaults(handler=_cmd_study)
+
+    command = commands.add_parser("demo", help="run inference on the embedded sample with the shipped model")
+    command.add_argument("--output", default="fetalpipe-demo")
+    command.add_argument("--address")
+    command.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args = build_parser().parse_args(argv)
+    from fetalpipe.imaging import ImageDecodeError
+    from fetalpipe.manifest import ManifestError
+    from fetalpipe.model_io import ModelFileError
+
+    try:
+        return args.handler(args)
+    except (ManifestError, ModelFileError, ImageDecodeError, FileNotFoundError, ValueError) as error:
+        print(f"fetalpipe {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Accuracy of predicted landmarks against reference landmarks: radial errors, success detection
+rates, and BPD/OFD/HC differences in mm. Endpoints are matched within each diameter in whichever
+pairing is closer, so OFD1/OFD2 naming never counts as an error."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+
+from fetalpipe import LANDMARK_COLUMNS
+from fetalpipe.biometry import biometry_mm
+
+SDR_THRESHOLDS_MM = (2.0, 2.5, 3.0, 4.0)
+
+
+def matched_radial_errors_px(predicted_px: np.ndarray, reference_px: np.ndarray) -> np.ndarray:
+    """[N, 4] Euclidean error per landmark (original pixels) after the closer pairing per diameter."""
+    predicted = np.asarray(predicted_px, dtype=np.float64)
+    reference = np.asarray(reference_px, dtype=np.float64)
+    errors = np.empty(predicted.shape[:-1])
+    for first, second in ((0, 1), (2, 3)):
+        straight = np.linalg.norm(predicted[:, [first, second]] - reference[:, [first, second]], axis=-1)
+        swapped = np.linalg.norm(predicted[:, [second, first]] - reference[:, [first, second]], axis=-1)
+        use_swapped = swapped.sum(axis=1) < straight.sum(axis=1)
+        errors[:, [first, second]] = np.where(use_swapped[:, None], swapped, straight)
+    return errors
+
+
+def per_image_errors(predicted_px: np.ndarray, reference_px: np.ndarray, pixel_spacing_mm: np.ndarray, reference_hc_mm: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per image: radial errors (px, mm) and signed BPD/OFD/HC differences (mm)."""
+    radial_px = matched_radial_errors_px(predicted_px, reference_px)
+    spacing = np.asarray(pixel_spacing_mm, dtype=np.float64)
+    predicted = biometry_mm(predicted_px, spacing)
+    reference = biometry_mm(reference_px, spacing)
+    if reference_hc_mm is not None:
+        reference_hc = np.where(np.isnan(reference_hc_mm), reference["hc_ellipse_mm"], reference_hc_mm)
+    else:
+        reference_hc = reference["hc_ellipse_mm"]
+    table = pd.DataFrame({f"radial_error_{name}_px": radial_px[:, index] for index, name in enumerate(("ofd1", "ofd2", "bpd1", "bpd2"))})
+    table["mean_radial_error_px"] = radial_px.mean(axis=1)
+    table["mean_radial_error_mm"] = table["mean_radial_error_px"] * spacing
+    table["max_radial_error_mm"] = radial_px.max(axis=1) * spacing
+    table["bpd_diff_mm"] = predicted["bpd_mm"] - reference["bpd_mm"]
+    table["ofd_diff_mm"] = predicted["ofd_mm"] - reference["ofd_mm"]
+    table["hc_diff_mm"] = predicted["hc_mm"] - reference_hc
+    table["hc_ellipse_diff_mm"] = predicted["hc_ellipse_mm"] - reference_hc
+    table["reference_hc_mm"] = reference_hc
+    return table
+
+
+def summarize(errors: pd.DataFrame, radial_px: np.ndarray | None = None) -> dict[str, float]:
+    """Aggregate metrics: MRE, SDR at 2/2.5/3/4 mm (per landmark), MAE and mean signed differences."""
+    summary = {"images": int(len(errors)), "mre_px": float(errors["mean_radial_error_px"].mean())}
+    with_mm = errors.dropna(subset=["mean_radial_error_mm"])
+    summary["images_with_spacing"] = int(len(with_mm))
+    if len(with_mm):
+        summary["mre_mm"] = float(with_mm["mean_radial_error_mm"].mean())
+        spacing = with_mm["mean_radial_error_mm"] / with_mm["mean_radial_error_px"].replace(0, np.nan)
+        per_landmark_mm = with_mm[[f"radial_error_{n}_px" for n in ("ofd1", "ofd2", "bpd1", "bpd2")]].to_numpy() * spacing.fillna(0).to_numpy()[:, None]
+        for threshold in SDR_THRESHOLDS_MM:
+            summary[f"sdr_{threshold:g}mm"] = float((per_landmark_mm <= threshold).mean())
+        for name in ("bpd", "ofd", "hc", "hc_ellipse"):
+            difference = with_mm[f"{name}_diff_mm"]
+            summary[f"{name}_mae_mm"] = float(difference.abs().mean())
+            summary[f"{name}_mean_diff_mm"] = float(difference.mean())
+    return summary
+
+
+def bland_altman_plot(errors: pd.DataFrame, predicted_column: str, path: str) -> None:
+    """HC Bland–Altman: difference vs mean of predicted and reference, with bias and 95 % limits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = errors.dropna(subset=[predicted_column, "reference_hc_mm"])
+    predicted = data["reference_hc_mm"] + data[predicted_column]
+    mean = (predicted + data["reference_hc_mm"]) / 2
+    difference = data[predicted_column]
+    bias, spread = difference.mean(), 1.96 * difference.std()
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.scatter(mean, difference, s=8, alpha=0.6)
+    for value, style in ((bias, "-"), (bias + spread, "--"), (bias - spread, "--")):
+        axes.axhline(value, color="k", linestyle=style, linewidth=1)
+    axes.set_xlabel("mean of predicted and reference HC (mm)")
+    axes.set_ylabel("predicted − reference HC (mm)")
+    axes.set_title(f"Bland–Altman HC: bias {bias:.2f} mm, 95% LoA ±{spread:.2f} mm")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def evaluate_predictions(predictions_dir: str, manifest_path: str, output_dir: str) -> dict[str, float]:
+    """`fetalpipe evaluate`: join predictions to the reference manifest by image path, write the report."""
+    from fetalpipe.infer import read_predictions
+    from fetalpipe.manifest import landmarks_original_px, load_manifest
+
+    reference = load_manifest(manifest_path, require_landmarks=True)
+    predictions = read_predictions(predictions_dir)
+    ok = predictions[predictions["status"] == "ok"]
+    joined = reference.merge(ok[["image_path", *LANDMARK_COLUMNS]], on="image_path", how="inner", suffixes=("_ref", ""))
+    if joined.empty:
+        raise ValueError("no prediction matches a manifest image_path")
+    reference_points = joined[[f"{c}_ref" for c in LANDMARK_COLUMNS]].to_numpy(dtype=np.float64).reshape(-1, 4, 2)
+    predicted_points = landmarks_original_px(joined)
+    spacing = joined["pixel_spacing_mm"].to_numpy(dtype=np.float64) if "pixel_spacing_mm" in joined else np.full(len(joined), np.nan)
+    reference_hc = joined["hc_mm"].to_numpy(dtype=np.float64) if "hc_mm" in joined else None
+    errors = per_image_errors(predicted_points, reference_points, spacing, reference_hc)
+    errors.insert(0, "image_path", joined["image_path"].to_numpy())
+    summary = summarize(errors)
+    summary["images_missing_prediction"] = int(len(reference) - len(joined))
+    os.makedirs(output_dir, exist_ok=True)
+    errors.to_csv(os.path.join(output_dir, "per_image_errors.csv"), index=False)
+    with open(os.path.join(output_dir, "metrics.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    bland_altman_plot(errors, "hc_ellipse_diff_mm", os.path.join(output_dir, "bland_altman_hc.png"))
+    return summary

@@ -1,0 +1,175 @@
+"""Decode ultrasound images of any common format to gray float, and map points between spaces.
+
+Two coordinate spaces exist in fetalpipe:
+  * original pixels: the decoded image as stored on disk (x right, y down, OpenCV pixel-centre
+    convention: the centre of the top-left pixel is (0, 0));
+  * model pixels: the resized network input (``input_size`` × ``input_size``).
+`ResizeTransform` is the only place that converts between them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+DICOM_MAGIC_OFFSET = 128
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image fetalpipe can read; the message says why."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # float32 [H, W] gray, scaled to [0, 1]
+    pixel_spacing_mm: float | None  # from the file itself (DICOM); None when the format has none
+
+
+@dataclass(frozen=True)
+class ResizeTransform:
+    """The stretch from an original image (width × height) to a square model input."""
+
+    original_width: int
+    original_height: int
+    input_size: int
+
+    @property
+    def scale_xy(self) -> np.ndarray:
+        """Model pixels per original pixel along x and y."""
+        return np.array([self.input_size / self.original_width, self.input_size / self.original_height])
+
+    def to_model(self, points_original_px: np.ndarray) -> np.ndarray:
+        """Original-pixel points [..., 2] to model-input pixels (pixel-centre aligned, as cv2.resize)."""
+        points = np.asarray(points_original_px, dtype=np.float64)
+        return (points + 0.5) * self.scale_xy - 0.5
+
+    def to_original(self, points_model_px: np.ndarray) -> np.ndarray:
+        """Model-input pixel points [..., 2] back to original pixels."""
+        points = np.asarray(points_model_px, dtype=np.float64)
+        return (points + 0.5) / self.scale_xy - 0.5
+
+
+def is_dicom(data: bytes) -> bool:
+    return len(data) >= DICOM_MAGIC_OFFSET + 4 and data[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM"
+
+
+def decode_image(data: bytes) -> DecodedImage:
+    """Decode PNG/JPEG/BMP/TIFF (8/16-bit, gray or colour) or DICOM bytes, recognised by content."""
+    if len(data) == 0:
+        raise ImageDecodeError("empty file (0 bytes)")
+    if is_dicom(data):
+        return _decode_dicom(data)
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ImageDecodeError(f"not a decodable image ({_describe_bytes(data)})")
+    return DecodedImage(pixels=_to_gray_unit(image), pixel_spacing_mm=None)
+
+
+def read_bytes(path: str) -> bytes:
+    """Read a local file or a pyarrow-filesystem URI (s3://, gs://, …), naming what is wrong."""
+    if "://" in path:
+        import pyarrow.fs
+
+        filesystem, inner_path = pyarrow.fs.FileSystem.from_uri(path)
+        info = filesystem.get_file_info(inner_path)
+        if info.type == pyarrow.fs.FileType.NotFound:
+            raise ImageDecodeError(f"file not found: {path}")
+        if info.type == pyarrow.fs.FileType.Directory:
+            raise ImageDecodeError(f"is a directory, not an image file: {path}")
+        with filesystem.open_input_file(inner_path) as handle:
+            return handle.read()
+    if not os.path.exists(path):
+        raise ImageDecodeError(f"file not found: {path}")
+    if os.path.isdir(path):
+        raise ImageDecodeError(f"is a directory, not an image file: {path}")
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def read_image(path: str) -> DecodedImage:
+    """Read and decode one image (local path or URI)."""
+    return decode_image(read_bytes(path))
+
+
+def resize_to_model(pixels: np.ndarray, input_size: int) -> tuple[np.ndarray, ResizeTransform]:
+    """Stretch a [H, W] float image to [input_size, input_size] (the seed's resize), with its transform."""
+    height, width = pixels.shape
+    interpolation = cv2.INTER_AREA if (width > input_size or height > input_size) else cv2.INTER_LINEAR
+    resized = cv2.resize(pixels, (input_size, input_size), interpolation=interpolation).astype(np.float32)
+    return resized, ResizeTransform(original_width=width, original_height=height, input_size=input_size)
+
+
+def _to_gray_unit(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 3:
+        if image.shape[2] == 4:
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)
+        elif image.shape[2] == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        else:
+            image = image[..., 0]
+    if image.ndim != 2:
+        raise ImageDecodeError(f"unsupported image shape {image.shape}")
+    if image.shape[0] < 2 or image.shape[1] < 2:
+        raise ImageDecodeError(f"image too small to measure ({image.shape[1]}x{image.shape[0]} px)")
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) / 65535.0
+    image = image.astype(np.float32)
+    low, high = float(image.min()), float(image.max())
+    return (image - low) / (high - low) if high > low else np.zeros_like(image)
+
+
+def _decode_dicom(data: bytes) -> DecodedImage:
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+        pixels = dataset.pixel_array
+    except Exception as error:  # pydicom raises many types for broken files
+        raise ImageDecodeError(f"unreadable DICOM: {error}") from error
+    samples = int(getattr(dataset, "SamplesPerPixel", 1))
+    if samples == 1 and pixels.ndim == 3:  # multi-frame gray: measure the first frame
+        pixels = pixels[0]
+    elif samples > 1 and pixels.ndim == 4:  # multi-frame colour
+        pixels = pixels[0]
+    if pixels.ndim == 3 and samples > 1:
+        pixels = cv2.cvtColor(np.ascontiguousarray(pixels[..., :3]).astype(np.uint8), cv2.COLOR_RGB2GRAY)
+    pixels = pixels.astype(np.float32)
+    low, high = float(pixels.min()), float(pixels.max())
+    unit = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+    if unit.shape[0] < 2 or unit.shape[1] < 2:
+        raise ImageDecodeError(f"image too small to measure ({unit.shape[1]}x{unit.shape[0]} px)")
+    return DecodedImage(pixels=unit, pixel_spacing_mm=dicom_pixel_spacing_mm(dataset))
+
+
+def dicom_pixel_spacing_mm(dataset) -> float | None:
+    """Isotropic pixel spacing from PixelSpacing, ImagerPixelSpacing or the ultrasound region calibration."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = getattr(dataset, keyword, None)
+        if value is not None and len(value) >= 2 and float(value[0]) > 0:
+            return float(value[0])  # rows spacing; HC18-style scans are isotropic
+    regions = getattr(dataset, "SequenceOfUltrasoundRegions", None)
+    if regions:
+        region = regions[0]
+        delta_x = getattr(region, "PhysicalDeltaX", None)
+        units = getattr(region, "PhysicalUnitsXDirection", None)
+        if delta_x is not None and float(delta_x) > 0 and units == 3:  # 3 = cm
+            return float(delta_x) * 10.0
+    return None
+
+
+def _describe_bytes(data: bytes) -> str:
+    head = data[:8]
+    if head.startswith(b"\x89PNG"):
+        return f"PNG signature but corrupt or truncated body, {len(data)} bytes"
+    if head.startswith(b"\xff\xd8"):
+        return f"JPEG signature but corrupt or truncated body, {len(data)} bytes"
+    if all(32 <= byte < 127 or byte in (9, 10, 13) for byte in data[:64]):
+        return f"looks like text, {len(data)} bytes"
+    return f"unknown format, {len(data)} bytes, starts with {head.hex()}"

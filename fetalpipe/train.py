@@ -1,0 +1,405 @@
+"""Data-parallel training on CPUs: Ray Data preprocessing feeding a Ray Train TorchTrainer (gloo).
+
+`train_loop_per_worker` is the single-process loop with three Ray touches: it reads its data shard
+with `ray.train.get_dataset_shard`, wraps the model with `prepare_model` (DDP over gloo), and
+reports metrics plus a checkpoint every epoch. Rerunning on the same RUN_DIR resumes."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from fetalpipe.augment import AugmentConfig
+from fetalpipe.heatmaps import HeatmapCodec
+from fetalpipe.model import MODEL_CONFIGS, ModelConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run's result (not where or on how many workers it runs)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input_size: int = 256
+    sigma_px: float = 5.0
+    layout: str = "ordered"
+    refine: bool = False  # sub-pixel decoding in validation; the seed used plain argmax
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine"
+    loss: str = "mse"  # or "weighted_mse": foreground pixels weigh more
+    foreground_weight: float = 10.0
+    augment: bool = False
+    bf16: bool = False
+    channels_last: bool = False
+    val_fraction: float = 0.15
+
+    def codec(self) -> HeatmapCodec:
+        return HeatmapCodec(
+            input_size=self.input_size,
+            heatmap_size=self.input_size // self.model.stem_stride,
+            sigma_px=self.sigma_px,
+            layout=self.layout,
+            refine=self.refine,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        values = dict(values)
+        model = values.pop("model", {})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        model_config = model if isinstance(model, ModelConfig) else ModelConfig(**model)
+        return cls(model=model_config, **values)
+
+
+TRAIN_CONFIGS = {
+    # The seed report's configuration, faithfully: 256² stretch, σ=5, MSE on sigmoid maps, Adam 1e-3, batch 8, 30 epochs, argmax.
+    "seed": TrainConfig(),
+    # The shipped configuration: half-resolution U-Net trunk (4x cheaper), order-free pair targets,
+    # augmentation, foreground-weighted loss, cosine schedule, sub-pixel decoding.
+    "fast": TrainConfig(
+        model=MODEL_CONFIGS["fast"], layout="pairs", refine=True, epochs=40, batch_size=8, lr=2e-3,
+        lr_schedule="cosine", loss="weighted_mse", augment=True,
+    ),
+}
+
+
+def resolve_config(name_or_file: str, overrides: dict | None = None) -> TrainConfig:
+    """A named config, or a JSON/YAML file of TrainConfig fields (optionally with `base: NAME`)."""
+    if name_or_file in TRAIN_CONFIGS:
+        values = TRAIN_CONFIGS[name_or_file].to_dict()
+    elif os.path.isfile(name_or_file):
+        import yaml
+
+        with open(name_or_file) as handle:
+            loaded = yaml.safe_load(handle) or {}
+        values = TRAIN_CONFIGS[loaded.pop("base", "seed")].to_dict()
+        model_overrides = loaded.pop("model", {})
+        values["model"].update(model_overrides)
+        values.update(loaded)
+    else:
+        raise ValueError(f"--config must be one of {sorted(TRAIN_CONFIGS)} or a YAML/JSON file; got {name_or_file!r}")
+    if overrides:
+        values.update({key: value for key, value in overrides.items() if value is not None})
+    if values["model"].get("out_maps") != (4 if values["layout"] == "ordered" else 2):
+        values["model"]["out_maps"] = 4 if values["layout"] == "ordered" else 2
+    return TrainConfig.from_dict(values)
+
+
+def is_validation_subject(subject_id: str, val_fraction: float) -> bool:
+    """Deterministic split by subject: a stable hash, so adding subjects never moves old ones."""
+    digest = int(hashlib.sha256(str(subject_id).encode()).hexdigest()[:8], 16)
+    return digest / 0xFFFFFFFF < val_fraction
+
+
+def split_by_subject(table: pd.DataFrame, val_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    subjects = table["subject_id"] if "subject_id" in table.columns else table["image_path"]
+    is_val = np.array([is_validation_subject(subject, val_fraction) for subject in subjects])
+    return table[~is_val].reset_index(drop=True), table[is_val].reset_index(drop=True)
+
+
+def heatmap_loss(predicted, target, kind: str, foreground_weight: float):
+    import torch
+
+    squared = (predicted.float() - target) ** 2
+    if kind == "mse":
+        return squared.mean()
+    if kind == "weighted_mse":
+        return (squared * (1.0 + foreground_weight * target)).mean()
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def _lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    if schedule == "cosine":
+        return 0.5 * (1 + np.cos(np.pi * epoch / max(epochs, 1)))
+    return 1.0
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One training worker. Reads like a plain PyTorch loop; Ray provides data, DDP and checkpoints."""
+    import torch
+    import ray.train
+    import ray.train.torch
+
+    from fetalpipe.evaluate import per_image_errors
+    from fetalpipe.model import HeatmapUNet
+
+    torch.set_num_threads(loop_config["threads_per_worker"])
+    config = TrainConfig.from_dict(loop_config["train_config"])
+    codec = config.codec()
+    context = ray.train.get_context()
+    world_size, rank = context.get_world_size(), context.get_world_rank()
+
+    model = HeatmapUNet(config.model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    start_epoch, history = 0, []
+    # A worker restarted after a failure gets Ray's latest checkpoint; a rerun of the command gets RUN_DIR's.
+    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(loop_config["resume_from"]) if loop_config.get("resume_from") else None)
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(os.path.join(directory, "state.pt"), weights_only=False)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    bare_model = model
+    model = ray.train.torch.prepare_model(model) if world_size > 1 else model
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch, config.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _lr_factor(config.lr_schedule, epoch, config.epochs)
+        model.train()
+        started = time.perf_counter()
+        loss_sum, seen = 0.0, 0
+        for batch in train_shard.iter_torch_batches(batch_size=config.batch_size, local_shuffle_buffer_size=4 * config.batch_size, drop_last=False):
+            images = batch["image"].float().contiguous(memory_format=memory_format)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                predicted = model(images)
+            loss = heatmap_loss(predicted, batch["heatmaps"].float(), config.loss, config.foreground_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(images)
+            seen += len(images)
+        train_seconds = time.perf_counter() - started
+
+        bare_model.eval()
+        val_loss_sum, val_seen, error_tables = 0.0, 0, []
+        # Validation is not split (an equal split would drop images): rank 0 scores all of it.
+        with torch.no_grad():
+            for batch in (val_shard.iter_batches(batch_size=16, batch_format="numpy") if rank == 0 else []):
+                images = torch.from_numpy(np.ascontiguousarray(batch["image"], dtype=np.float32)).contiguous(memory_format=memory_format)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                    predicted = bare_model(images).float()  # not the DDP wrapper: no collectives on rank 0 alone
+                targets = torch.from_numpy(batch["heatmaps"].astype(np.float32))
+                val_loss_sum += float(heatmap_loss(predicted, targets, config.loss, config.foreground_weight)) * len(images)
+                val_seen += len(images)
+                points_model, _ = codec.decode(predicted.numpy())
+                scale_xy = np.stack([config.input_size / batch["original_width"], config.input_size / batch["original_height"]], axis=1)[:, None, :]
+                points_original = (points_model + 0.5) / scale_xy - 0.5  # same mapping as imaging.ResizeTransform.to_original
+                error_tables.append(per_image_errors(points_original, batch["points_original"], batch["pixel_spacing_mm"], batch.get("hc_mm")))
+        errors = pd.concat(error_tables) if error_tables else pd.DataFrame()
+        val_sums = [val_loss_sum, val_seen] if rank == 0 else [0.0, 0]
+        sums = np.array([
+            loss_sum, seen, *val_sums,
+            errors["mean_radial_error_px"].sum() if len(errors) else 0.0,
+            errors["mean_radial_error_mm"].sum(skipna=True) if len(errors) else 0.0,
+            errors["hc_ellipse_diff_mm"].abs().sum(skipna=True) if len(errors) else 0.0,
+            errors["hc_diff_mm"].abs().sum(skipna=True) if len(errors) else 0.0,
+            errors["mean_radial_error_mm"].notna().sum() if len(errors) else 0.0,
+            train_seconds,
+        ], dtype=np.float64)
+        if world_size > 1:
+            import torch.distributed as dist
+
+            tensor = torch.from_numpy(sums)
+            dist.all_reduce(tensor)
+            sums = tensor.numpy()
+        with_mm = max(sums[8], 1)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": sums[0] / max(sums[1], 1),
+            "val_loss": sums[2] / max(sums[3], 1),
+            "val_mre_px": sums[4] / max(sums[3], 1),
+            "val_mre_mm": sums[5] / with_mm if sums[8] else float("nan"),
+            "val_hc_mae_mm": sums[6] / with_mm if sums[8] else float("nan"),
+            "val_hc_seed_formula_mae_mm": sums[7] / with_mm if sums[8] else float("nan"),
+            "train_images": int(sums[1]),
+            "val_images": int(sums[3]),
+            "epoch_seconds": sums[9] / world_size,
+            "train_img_per_s": sums[1] / max(sums[9] / world_size, 1e-9),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as directory:
+            saved = None
+            if rank == 0:
+                torch.save(
+                    {
+                        "epoch": epoch, "history": history, "state_dict": bare_model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "train_config": config.to_dict(),
+                    },
+                    os.path.join(directory, "state.pt"),
+                )
+                with open(os.path.join(directory, "metrics.json"), "w") as handle:
+                    json.dump(metrics, handle)
+                saved = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=saved)
+
+
+def _decoded_ok(row: dict) -> bool:
+    if row["status"] != "ok":
+        print(f"fetalpipe train: skipping {row['image_path']}: {row['error']}", flush=True)
+    return row["status"] == "ok"
+
+
+def build_datasets(table: pd.DataFrame, config: TrainConfig, blocks: int = 8):
+    """Ray Data: decode/resize/scale once (materialised, uint8-free float32 at 256² is ~0.26 MB an
+    image), then per epoch a lazy augment + heatmap-encode stage that re-runs on every pass."""
+    import functools
+
+    import ray.data
+
+    from fetalpipe.preprocess import decode_batch, encode_batch, scale_landmarks_batch
+
+    codec = config.codec()
+    columns = [c for c in table.columns if c in {"image_path", "subject_id", "pixel_spacing_mm", "hc_mm"} or c.endswith(("_x", "_y"))]
+
+    def prepared(part: pd.DataFrame, augment: AugmentConfig | None):
+        if "pixel_spacing_mm" not in part.columns:
+            part = part.assign(pixel_spacing_mm=np.nan)
+        if "hc_mm" not in part.columns:
+            part = part.assign(hc_mm=np.nan)
+        dataset = ray.data.from_pandas(part[columns + [c for c in ("pixel_spacing_mm", "hc_mm") if c not in columns]])
+        dataset = dataset.repartition(max(1, min(blocks, len(part))))
+        dataset = dataset.map_batches(functools.partial(decode_batch, input_size=config.input_size), batch_format="numpy", batch_size=16)
+        dataset = dataset.filter(_decoded_ok)
+        dataset = dataset.map_batches(functools.partial(scale_landmarks_batch, input_size=config.input_size), batch_format="numpy", batch_size=64)
+        dataset = dataset.materialize()
+        return dataset.map_batches(
+            functools.partial(encode_batch, codec=codec, augment=augment),
+            batch_format="numpy", batch_size=config.batch_size,
+            # Training workers hold the CPUs; this light step runs beside them (0 CPU, at most 2 tasks).
+            num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2),
+        )
+
+    train_table, val_table = split_by_subject(table, config.val_fraction)
+    if len(train_table) == 0 or len(val_table) == 0:
+        raise ValueError(f"split by subject left {len(train_table)} train / {len(val_table)} validation images; need both")
+    train_ds = prepared(train_table, AugmentConfig() if config.augment else None)
+    val_ds = prepared(val_table, None)
+    return train_ds, val_ds, len(train_table), len(val_table)
+
+
+def run_training(
+    manifest_path: str,
+    run_dir: str,
+    config: TrainConfig,
+    workers: int = 2,
+    threads_per_worker: int = 1,
+    max_failures: int = 2,
+    ray_address: str | None = None,
+) -> dict:
+    """Train (or resume) into RUN_DIR; write metrics.csv, loss_curves.png and the best model.pt."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from fetalpipe.manifest import load_manifest
+
+    table = load_manifest(manifest_path, require_landmarks=True)
+    run_dir = os.path.abspath(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    _write_or_check_config(run_dir, config)
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=True)
+    done = list_checkpoints(run_dir)
+    if done and done[-1][0] >= config.epochs:
+        print(f"fetalpipe train: {run_dir} already holds all {config.epochs} epochs; rewriting its outputs", flush=True)
+        return write_run_outputs(run_dir, manifest_path)
+    latest_checkpoint = done[-1][1] if done else None
+    if latest_checkpoint:
+        print(f"fetalpipe train: resuming after epoch {done[-1][0]} from {done[-1][1]}", flush=True)
+    train_ds, val_ds, train_count, val_count = build_datasets(table, config)
+    print(f"fetalpipe train: {train_count} train / {val_count} validation images (split by subject_id)", flush=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train_config": config.to_dict(), "threads_per_worker": threads_per_worker, "resume_from": latest_checkpoint},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": threads_per_worker}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=ray.train.RunConfig(
+            name="ray_train",
+            storage_path=run_dir,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    trainer.fit()
+    return write_run_outputs(run_dir, manifest_path)
+
+
+def _write_or_check_config(run_dir: str, config: TrainConfig) -> None:
+    path = os.path.join(run_dir, "train_config.json")
+    if os.path.exists(path):
+        with open(path) as handle:
+            previous = json.load(handle)
+        current = json.loads(json.dumps(config.to_dict()))
+        if {k: v for k, v in previous.items() if k != "epochs"} != {k: v for k, v in current.items() if k != "epochs"}:
+            raise ValueError(f"{run_dir} holds a run with a different configuration; use a new --output or delete it")
+    with open(path, "w") as handle:
+        json.dump(config.to_dict(), handle, indent=2)
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(epoch, checkpoint dir) for every checkpoint Ray Train stored under RUN_DIR."""
+    found = []
+    root = os.path.join(run_dir, "ray_train")
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        metrics_path = os.path.join(root, name, "metrics.json")
+        if name.startswith("checkpoint_") and os.path.exists(metrics_path):
+            with open(metrics_path) as handle:
+                found.append((int(json.load(handle)["epoch"]), os.path.join(root, name)))
+    return sorted(found)
+
+
+def write_run_outputs(run_dir: str, manifest_path: str | None = None) -> dict:
+    """From the checkpoints: metrics.csv, loss_curves.png, and model.pt of the best epoch."""
+    import torch
+
+    from fetalpipe.model_io import save_model
+
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise RuntimeError(f"no checkpoint was written under {run_dir}")
+    latest = torch.load(os.path.join(checkpoints[-1][1], "state.pt"), weights_only=False)
+    history = pd.DataFrame(latest["history"])
+    history.to_csv(os.path.join(run_dir, "metrics.csv"), index=False)
+    plot_loss_curves(history, os.path.join(run_dir, "loss_curves.png"))
+    criterion = "val_hc_mae_mm" if history["val_hc_mae_mm"].notna().any() else "val_mre_px"
+    best_epoch = int(history.loc[history[criterion].idxmin(), "epoch"])
+    best_dir = dict(checkpoints)[best_epoch]
+    best = torch.load(os.path.join(best_dir, "state.pt"), weights_only=False)
+    config = TrainConfig.from_dict(best["train_config"])
+    best_metrics = history[history["epoch"] == best_epoch].iloc[0].to_dict()
+    save_model(
+        os.path.join(run_dir, "model.pt"), best["state_dict"], config,
+        metrics={"selected_by": criterion, **{k: float(v) for k, v in best_metrics.items()}},
+        training={"manifest": manifest_path, "epochs_run": int(history["epoch"].max()), "total_train_seconds": float(history["epoch_seconds"].sum())},
+    )
+    return {"best_epoch": best_epoch, **best_metrics}
+
+
+def plot_loss_curves(history: pd.DataFrame, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(history["epoch"], history["train_loss"], label="train")
+    axes[0].plot(history["epoch"], history["val_loss"], label="validation")
+    axes[0].set_xlabel("epoch"), axes[0].set_ylabel("heatmap loss"), axes[0].set_yscale("log"), axes[0].legend()
+    axes[1].plot(history["epoch"], history["val_hc_mae_mm"], color="C2")
+    axes[1].set_xlabel("epoch"), axes[1].set_ylabel("validation HC MAE (mm)")
+    figure.suptitle("Training and validation loss")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
