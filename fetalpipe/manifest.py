@@ -23,6 +23,11 @@ SEED_COLUMN_MAPPING = {
 }
 
 
+# A head can be clipped by the frame, so an endpoint may lie slightly outside the image (one HC18
+# annotation does, by 0.06 px); further out than this is an annotation error.
+LANDMARK_MARGIN_PX = 16.0
+
+
 class ManifestError(ValueError):
     """A manifest problem, with the file, row and column it was found in."""
 
@@ -96,8 +101,9 @@ def validate_manifest(
             if bad.any():
                 row = int(np.flatnonzero(bad.to_numpy())[0])
                 raise ManifestError(f"{source}: row {row + 1}, column '{column}': not a finite number ({table[column][row]!r})")
-            if (values < -0.5).any():
-                row = int(np.flatnonzero((values < -0.5).to_numpy())[0])
+            outside = values < -0.5 - LANDMARK_MARGIN_PX
+            if outside.any():
+                row = int(np.flatnonzero(outside.to_numpy())[0])
                 raise ManifestError(f"{source}: row {row + 1}, column '{column}': point outside the image ({values[row]})")
             table[column] = values.astype("float64")
     if check_images:
@@ -119,7 +125,7 @@ def _check_images(table: pd.DataFrame, source: str, check_points: bool) -> None:
             raise ManifestError(f"{source}: row {row + 1}, column 'image_path': not a readable image ({path})")
         height, width = image.shape
         for column in LANDMARK_COLUMNS:
-            limit = (width if column.endswith("_x") else height) - 0.5
+            limit = (width if column.endswith("_x") else height) - 0.5 + LANDMARK_MARGIN_PX
             if table[column][row] > limit:
                 raise ManifestError(
                     f"{source}: row {row + 1}, column '{column}': point outside the image "

@@ -266,8 +266,9 @@ def build_datasets(table: pd.DataFrame, config: TrainConfig, blocks: int = 8):
             part = part.assign(pixel_spacing_mm=np.nan)
         if "hc_mm" not in part.columns:
             part = part.assign(hc_mm=np.nan)
-        dataset = ray.data.from_pandas(part[columns + [c for c in ("pixel_spacing_mm", "hc_mm") if c not in columns]])
-        dataset = dataset.repartition(max(1, min(blocks, len(part))))
+        part = part[columns + [c for c in ("pixel_spacing_mm", "hc_mm") if c not in columns]]
+        rows_per_block = int(np.ceil(len(part) / blocks))
+        dataset = ray.data.from_pandas([part.iloc[start:start + rows_per_block] for start in range(0, len(part), rows_per_block)])
         dataset = dataset.map_batches(functools.partial(decode_batch, input_size=config.input_size), batch_format="numpy", batch_size=16)
         dataset = dataset.filter(_decoded_ok)
         dataset = dataset.map_batches(functools.partial(scale_landmarks_batch, input_size=config.input_size), batch_format="numpy", batch_size=64)
@@ -298,6 +299,8 @@ def run_training(
 ) -> dict:
     """Train (or resume) into RUN_DIR; write metrics.csv, loss_curves.png and the best model.pt."""
     import ray
+
+    from fetalpipe.cluster import ray_address_or_local
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -308,7 +311,7 @@ def run_training(
     os.makedirs(run_dir, exist_ok=True)
     _write_or_check_config(run_dir, config)
     if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=True)
+        ray.init(address=ray_address_or_local(ray_address), include_dashboard=False)
     done = list_checkpoints(run_dir)
     if done and done[-1][0] >= config.epochs:
         print(f"fetalpipe train: {run_dir} already holds all {config.epochs} epochs; rewriting its outputs", flush=True)

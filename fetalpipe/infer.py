@@ -1,0 +1,294 @@
+"""Batch inference: Ray Data streams the manifest, decodes in CPU tasks, runs the model in an actor
+pool, and writes landmarks + biometry to Parquet (streamed, a file per batch) and one CSV at the end.
+
+Contract: every input row appears exactly once in OUT/predictions/ and OUT/predictions.csv, as
+``status="ok"`` or ``status="error"`` with the reason. A rerun on the same OUT processes only rows
+whose (image path, file content hash, model hash) are not done yet; ``overwrite`` redoes all."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import glob
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from fetalpipe import LANDMARK_COLUMNS, __version__
+from fetalpipe.biometry import biometry_mm
+from fetalpipe.imaging import ResizeTransform
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+BIOMETRY_COLUMNS = ("ofd_px", "bpd_px", "hc_px", "hc_ellipse_px", "ofd_mm", "bpd_mm", "hc_mm", "hc_ellipse_mm")
+OUTPUT_COLUMNS = (
+    "image_path", "status", "error", *LANDMARK_COLUMNS, *BIOMETRY_COLUMNS[:4], "pixel_spacing_mm", *BIOMETRY_COLUMNS[4:],
+    "confidence", "model_sha256", "fetalpipe_version", "file_sha256", "original_width", "original_height", "run_id",
+)
+# Share of a CPU each stage asks Ray for: the model takes most of the time, decoding the rest.
+DECODE_CPUS = 0.25
+MODEL_CPU_SHARE = 0.75
+
+
+@dataclass
+class InferOptions:
+    output_dir: str
+    manifest: str | None = None
+    input_glob: str | None = None
+    model_path: str | None = None
+    batch_size: int = 16
+    actors: int = 2
+    threads_per_actor: int = 1
+    overlays: bool = False
+    overwrite: bool = False
+    ray_address: str | None = None
+    flip_average: bool = False  # test-time augmentation: average with the horizontally flipped image
+
+
+def collect_inputs(manifest: str | None, input_glob: str | None) -> pd.DataFrame:
+    """The input table: a validated manifest, or every image file under a folder / matching a glob."""
+    from fetalpipe.manifest import ManifestError, load_manifest
+
+    if manifest:
+        table = load_manifest(manifest)
+        landmark_like = [c for c in table.columns if c in LANDMARK_COLUMNS or (c in OUTPUT_COLUMNS and c not in ("image_path", "pixel_spacing_mm"))]
+        return table.rename(columns={c: f"manifest_{c}" for c in landmark_like})
+    if os.path.isdir(input_glob):
+        paths = [os.path.join(root, name) for root, _, names in os.walk(input_glob) for name in names if name.lower().endswith(IMAGE_EXTENSIONS)]
+    else:
+        paths = glob.glob(input_glob, recursive=True)
+    if not paths:
+        raise ManifestError(f"--input {input_glob}: no image files found")
+    return pd.DataFrame({"image_path": sorted(os.path.abspath(p) for p in paths)})
+
+
+def content_hash(path: str) -> str:
+    """sha256 of the file bytes ('' when it cannot be read), the key that detects a changed file."""
+    try:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    except OSError:
+        return ""
+
+
+class LandmarkPredictor:
+    """Actor: loads the model once, then turns decoded batches into landmark + biometry rows."""
+
+    def __init__(self, model_path: str, threads: int, flip_average: bool = False):
+        import torch
+
+        from fetalpipe.model_io import file_sha256, load_model
+
+        torch.set_num_threads(threads)
+        self.model, self.config, _ = load_model(model_path)
+        self.codec = self.config.codec()
+        self.model_sha256 = file_sha256(model_path)
+        self.flip_average = flip_average
+
+    def predict_heatmaps(self, images: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            tensor = torch.from_numpy(np.ascontiguousarray(images[:, None], dtype=np.float32))
+            heatmaps = self.model(tensor)
+            if self.flip_average:
+                heatmaps = (heatmaps + torch.flip(self.model(torch.flip(tensor, dims=[3])), dims=[3])) / 2
+            return heatmaps.float().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        count = len(batch["image_path"])
+        points_original = np.full((count, 4, 2), np.nan)
+        confidence = np.full(count, np.nan)
+        ok = np.flatnonzero(batch["status"] == "ok")
+        if len(ok):
+            points_model, peak_values = self.codec.decode(self.predict_heatmaps(batch["image"][ok]))
+            for slot, index in enumerate(ok):
+                transform = ResizeTransform(int(batch["original_width"][index]), int(batch["original_height"][index]), self.codec.input_size)
+                points_original[index] = transform.to_original(points_model[slot])
+            confidence[ok] = peak_values.mean(axis=1)
+        output = {key: value for key, value in batch.items() if key != "image"}
+        output.update({column: points_original.reshape(count, 8)[:, i] for i, column in enumerate(LANDMARK_COLUMNS)})
+        output.update(biometry_mm(points_original, batch["pixel_spacing_mm"]))
+        output["confidence"] = confidence
+        output["model_sha256"] = np.full(count, self.model_sha256, dtype=object)
+        output["fetalpipe_version"] = np.full(count, __version__, dtype=object)
+        return output
+
+
+def draw_overlays_batch(batch: dict[str, np.ndarray], overlay_dir: str) -> dict[str, np.ndarray]:
+    """One PNG per ok row: OFD in blue, BPD in green (as the seed's Figure 2), the HC ellipse, values in mm."""
+    from fetalpipe.overlays import draw_overlay
+
+    for index in np.flatnonzero(batch["status"] == "ok"):
+        row = {key: batch[key][index] for key in batch}
+        try:
+            draw_overlay(row, overlay_dir)
+        except Exception as error:  # an overlay must never cost the measurement
+            batch["error"][index] = f"overlay failed: {error}"
+    return batch
+
+
+def _done_rows(output_dir: str, model_sha256: str) -> pd.DataFrame:
+    existing = read_predictions(output_dir)
+    if existing.empty:
+        return existing
+    return existing[existing["model_sha256"] == model_sha256]
+
+
+def read_predictions(output_dir: str) -> pd.DataFrame:
+    """All rows under OUT/predictions/, newest row per image path. A file left half-written by a
+    crash is skipped (its rows are redone on the next run)."""
+    directory = os.path.join(output_dir, "predictions") if os.path.basename(os.path.normpath(output_dir)) != "predictions" else output_dir
+    tables = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.parquet"))):
+        try:
+            tables.append(pq.read_table(path).to_pandas())
+        except Exception:
+            os.replace(path, path + ".corrupt")
+    if not tables:
+        return pd.DataFrame(columns=list(OUTPUT_COLUMNS))
+    table = pd.concat(tables, ignore_index=True)
+    table = table.sort_values(["run_sequence"], kind="stable") if "run_sequence" in table else table
+    return table.drop_duplicates("image_path", keep="last").reset_index(drop=True)
+
+
+def run_inference(options: InferOptions) -> dict:
+    import ray
+
+    from fetalpipe.cluster import ray_address_or_local
+
+    from fetalpipe.model_io import DEFAULT_MODEL_PATH, file_sha256, load_model
+
+    started = time.perf_counter()
+    model_path = os.path.abspath(options.model_path or DEFAULT_MODEL_PATH)
+    load_model(model_path)  # fail fast, in the driver, with a clear message
+    model_sha256 = file_sha256(model_path)
+    inputs = collect_inputs(options.manifest, options.input_glob)
+    output_dir = os.path.abspath(options.output_dir)
+    predictions_dir = os.path.join(output_dir, "predictions")
+    if options.overwrite and os.path.isdir(output_dir):
+        shutil.rmtree(predictions_dir, ignore_errors=True)
+        shutil.rmtree(os.path.join(output_dir, "overlays"), ignore_errors=True)
+    os.makedirs(predictions_dir, exist_ok=True)
+
+    done = _done_rows(output_dir, model_sha256)
+    done_hash = dict(zip(done["image_path"], done["file_sha256"])) if len(done) else {}
+    pending_mask = np.array([path not in done_hash or done_hash[path] != content_hash(path) for path in inputs["image_path"]], dtype=bool)
+    pending = inputs[pending_mask].reset_index(drop=True)
+    run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    print(f"fetalpipe infer: {len(inputs)} inputs, {len(inputs) - len(pending)} already done, {len(pending)} to process", flush=True)
+
+    pipeline_seconds = 0.0
+    if len(pending):
+        if not ray.is_initialized():
+            ray.init(address=ray_address_or_local(options.ray_address), include_dashboard=False)
+        pipeline_started = time.perf_counter()
+        _run_pipeline(pending, options, model_path, predictions_dir, run_id)
+        pipeline_seconds = time.perf_counter() - pipeline_started
+
+    final = read_predictions(output_dir)
+    final = final[final["image_path"].isin(set(inputs["image_path"]))]
+    _compact_if_needed(predictions_dir, final)
+    csv_path = os.path.join(output_dir, "predictions.csv")
+    final.sort_values("image_path").to_csv(csv_path + ".tmp", index=False)
+    os.replace(csv_path + ".tmp", csv_path)
+    summary = {
+        "rows": int(len(final)), "ok": int((final["status"] == "ok").sum()), "error": int((final["status"] == "error").sum()),
+        "processed_this_run": int(len(pending)), "seconds": round(time.perf_counter() - started, 3),
+        "pipeline_seconds": round(pipeline_seconds, 3),
+        "images_per_second": round(len(pending) / pipeline_seconds, 2) if pipeline_seconds else None,
+    }
+    run_record = {
+        "run_id": run_id, "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "options": asdict(options), "model_path": model_path, "model_sha256": model_sha256,
+        "versions": _versions(), "counts": {k: summary[k] for k in ("rows", "ok", "error", "processed_this_run")},
+        "timings": {k: summary[k] for k in ("seconds", "pipeline_seconds", "images_per_second")},
+    }
+    with open(os.path.join(output_dir, "run.json.tmp"), "w") as handle:
+        json.dump(run_record, handle, indent=2, default=str)
+    os.replace(os.path.join(output_dir, "run.json.tmp"), os.path.join(output_dir, "run.json"))
+    return summary
+
+
+def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str, predictions_dir: str, run_id: str) -> None:
+    import ray.data
+
+    from fetalpipe.preprocess import decode_batch
+
+    _, config, _ = __import__("fetalpipe.model_io", fromlist=["load_model"]).load_model(model_path)
+    table = pending.copy()
+    if "pixel_spacing_mm" not in table:
+        table["pixel_spacing_mm"] = np.nan
+    carried = [c for c in table.columns if c not in ("image_path", "pixel_spacing_mm")]
+    table[carried] = table[carried].astype(str)
+    table["run_id"] = run_id
+    table["run_sequence"] = int(time.time() * 1000)
+    # One block per batch, made in the driver: no shuffle/repartition task competing with the actors for CPUs.
+    dataset = ray.data.from_pandas([table.iloc[start:start + options.batch_size] for start in range(0, len(table), options.batch_size)])
+    dataset = dataset.map_batches(
+        functools.partial(decode_batch, input_size=config.input_size), batch_format="numpy", batch_size=options.batch_size, num_cpus=DECODE_CPUS,
+    )
+    dataset = dataset.map_batches(
+        LandmarkPredictor,
+        fn_constructor_kwargs={"model_path": model_path, "threads": options.threads_per_actor, "flip_average": options.flip_average},
+        compute=ray.data.ActorPoolStrategy(size=options.actors),
+        num_cpus=MODEL_CPU_SHARE * options.threads_per_actor,
+        batch_size=options.batch_size, batch_format="numpy",
+    )
+    if options.overlays:
+        overlay_dir = os.path.join(os.path.dirname(predictions_dir), "overlays")
+        os.makedirs(overlay_dir, exist_ok=True)
+        dataset = dataset.map_batches(functools.partial(draw_overlays_batch, overlay_dir=overlay_dir), batch_format="numpy", num_cpus=DECODE_CPUS)
+    dataset.write_parquet(predictions_dir, min_rows_per_file=options.batch_size)
+
+
+def _compact_if_needed(predictions_dir: str, final: pd.DataFrame) -> None:
+    """Rows superseded by a rerun (changed file, new model) are dropped by rewriting the dataset."""
+    files = glob.glob(os.path.join(predictions_dir, "*.parquet"))
+    stored = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
+    if stored == len(final):
+        return
+    staging = predictions_dir + ".compact"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    final.to_parquet(os.path.join(staging, "part-compacted.parquet"), index=False)
+    backup = predictions_dir + ".old"
+    shutil.rmtree(backup, ignore_errors=True)
+    os.replace(predictions_dir, backup)
+    os.replace(staging, predictions_dir)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _versions() -> dict:
+    import ray
+    import torch
+
+    return {"fetalpipe": __version__, "ray": ray.__version__, "torch": torch.__version__, "python": platform.python_version(), "numpy": np.__version__, "pandas": pd.__version__}
+
+
+def run_demo(output_dir: str, ray_address: str | None = None) -> dict:
+    """Inference with overlays on the embedded HC18 sample; prints a short table."""
+    from fetalpipe.model_io import DEFAULT_MODEL_PATH
+
+    sample_manifest = os.path.join(os.path.dirname(__file__), "assets", "sample", "manifest.csv")
+    summary = run_inference(InferOptions(output_dir=output_dir, manifest=sample_manifest, model_path=DEFAULT_MODEL_PATH, overlays=True, ray_address=ray_address))
+    predictions = pd.read_csv(os.path.join(output_dir, "predictions.csv"))
+    shown = predictions.assign(image=predictions["image_path"].map(os.path.basename))
+    shown = shown.merge(pd.read_csv(sample_manifest).assign(image=lambda t: t["image_path"].map(os.path.basename))[["image", "hc_mm"]].rename(columns={"hc_mm": "reference_hc_mm"}), on="image", how="left")
+    columns = ["image", "status", "bpd_mm", "ofd_mm", "hc_ellipse_mm", "reference_hc_mm", "confidence"]
+    print(shown[columns].head(12).to_string(index=False, float_format=lambda v: f"{v:.1f}" if abs(v) >= 1 else f"{v:.2f}"))
+    print(f"... {summary['rows']} rows ({summary['ok']} ok, {summary['error']} error)")
+    print(f"predictions: {os.path.join(output_dir, 'predictions.csv')} and {os.path.join(output_dir, 'predictions')}/")
+    print(f"overlays:    {os.path.join(output_dir, 'overlays')}/")
+    return summary
