@@ -3,7 +3,10 @@
 Two target layouts:
   * ``ordered`` (the seed): 4 maps, one per landmark, endpoints ordered by `biometry.canonical_order`;
   * ``pairs`` (order-free): 2 maps, both OFD endpoints in map 0 and both BPD endpoints in map 1, so
-    the target never depends on which end is called "1"; decode finds the two strongest peaks.
+    the target never depends on which end is called "1"; decode finds the two strongest peaks;
+  * ``ellipse`` (order-free, geometric): 1 map, the filled head ellipse through the four endpoints.
+    Decode thresholds it at 0.5, fits an ellipse to the outline in original-pixel geometry and returns
+    its axis endpoints, so OFD ⟂ BPD and both cross at the centre by construction.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import numpy as np
 
 from fetalpipe.biometry import canonical_order
 
-LAYOUTS = ("ordered", "pairs")
+LAYOUTS = ("ordered", "pairs", "ellipse")
+ELLIPSE_OUTLINE_SAMPLES = 256
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class HeatmapCodec:
 
     @property
     def num_maps(self) -> int:
-        return 4 if self.layout == "ordered" else 2
+        return {"ordered": 4, "pairs": 2, "ellipse": 1}[self.layout]
 
     @property
     def stride(self) -> float:
@@ -54,6 +58,9 @@ class HeatmapCodec:
         if single:
             points = points[None]
         centres = self._to_heatmap(points)  # [B, 4, 2]
+        if self.layout == "ellipse":
+            maps = np.stack([_filled_ellipse(c, self.heatmap_size) for c in centres])[:, None]
+            return maps[0] if single else maps
         grid = np.arange(self.heatmap_size, dtype=np.float64)
         two_sigma_sq = 2 * self.sigma_heatmap_px**2
         gauss_x = np.exp(-((grid[None, None, :] - centres[..., 0:1]) ** 2) / two_sigma_sq)  # [B, 4, S]
@@ -64,9 +71,14 @@ class HeatmapCodec:
         maps = maps.astype(np.float32)
         return maps[0] if single else maps
 
-    def decode(self, heatmaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[B, num_maps, S, S] -> (points [B, 4, 2] in model pixels, peak values [B, 4])."""
+    def decode(self, heatmaps: np.ndarray, original_sizes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """[B, num_maps, S, S] -> (points [B, 4, 2] in model pixels, confidence [B, 4]).
+
+        `original_sizes` [B, 2] (width, height) lets the ``ellipse`` layout fit in original-pixel
+        geometry (the model input is a non-uniform stretch, which does not keep axes as axes)."""
         maps = np.asarray(heatmaps, dtype=np.float32)
+        if self.layout == "ellipse":
+            return self._decode_ellipse(maps, original_sizes)
         if self.layout == "ordered":
             peaks, values = self._peaks(maps)
         else:
@@ -106,3 +118,55 @@ class HeatmapCodec:
                 offset = np.where((curvature < 0) & ~at_edge, 0.5 * (left - right) / curvature, 0.0)
             points[..., axis] += np.clip(offset, -0.5, 0.5)
         return points, values
+
+    def _decode_ellipse(self, maps: np.ndarray, original_sizes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        import cv2
+
+        from fetalpipe.imaging import ResizeTransform
+
+        points = np.full((len(maps), 4, 2), np.nan)
+        confidence = np.zeros((len(maps), 4))
+        for index, probability in enumerate(maps[:, 0]):
+            width, height = (int(v) for v in original_sizes[index]) if original_sizes is not None else (self.input_size, self.input_size)
+            # Upsample to original pixels (cv2.resize is pixel-centre aligned, as ResizeTransform), then trace the 0.5 level.
+            upsampled = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
+            contours, _ = cv2.findContours((upsampled > 0.5).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            if not contours or len(max(contours, key=len)) < 5:
+                continue
+            contour = max(contours, key=len)
+            (centre_x, centre_y), (axis_a, axis_b), angle_deg = cv2.fitEllipse(contour)
+            # Contour pixels are the inner boundary, half a pixel inside the 0.5 level.
+            semi_a, semi_b = axis_a / 2 + 0.5, axis_b / 2 + 0.5
+            angle = np.deg2rad(angle_deg)
+            axis_a_dir = np.array([np.cos(angle), np.sin(angle)])
+            axis_b_dir = np.array([-axis_a_dir[1], axis_a_dir[0]])
+            if semi_a < semi_b:
+                semi_a, semi_b, axis_a_dir, axis_b_dir = semi_b, semi_a, axis_b_dir, axis_a_dir
+            centre = np.array([centre_x, centre_y])
+            endpoints = np.stack([centre - semi_a * axis_a_dir, centre + semi_a * axis_a_dir, centre - semi_b * axis_b_dir, centre + semi_b * axis_b_dir])
+            points[index] = ResizeTransform(width, height, self.input_size).to_model(endpoints)
+            inside = upsampled > 0.5
+            confidence[index] = float(np.clip(upsampled[inside].mean() * 2 - 1 if inside.any() else 0.0, 0, 1))
+        return canonical_order(points), confidence
+
+
+def _filled_ellipse(points_heatmap_px: np.ndarray, size: int) -> np.ndarray:
+    """Filled ellipse with OFD and BPD as conjugate semi-diameters (exact under any affine map,
+    so it stays right after the anisotropic resize and augmentation). Anti-aliased edge."""
+    import cv2
+
+    centre = (points_heatmap_px[0] + points_heatmap_px[1] + points_heatmap_px[2] + points_heatmap_px[3]) / 4
+    half_ofd = (points_heatmap_px[1] - points_heatmap_px[0]) / 2
+    half_bpd = (points_heatmap_px[3] - points_heatmap_px[2]) / 2
+    angles = np.linspace(0, 2 * np.pi, ELLIPSE_OUTLINE_SAMPLES, endpoint=False)[:, None]
+    outline = centre + half_ofd * np.cos(angles) + half_bpd * np.sin(angles)
+    supersample = 4  # draw 4x larger then area-average: a soft, sub-pixel-true edge
+    canvas = np.zeros((size * supersample, size * supersample), np.uint8)
+    outline_ss = (outline + 0.5) * supersample - 0.5
+    centre_ss = (centre + 0.5) * supersample - 0.5
+    radial = outline_ss - centre_ss
+    # fillPoly also fills pixels the outline passes through: pull it in by half a (supersampled) pixel.
+    outline_ss -= 0.5 * radial / np.maximum(np.linalg.norm(radial, axis=1, keepdims=True), 1e-9)
+    polygon = np.round(outline_ss * 16).astype(np.int32)
+    cv2.fillPoly(canvas, [polygon], 255, lineType=cv2.LINE_8, shift=4)
+    return cv2.resize(canvas.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)

@@ -112,7 +112,8 @@ class LandmarkPredictor:
         confidence = np.full(count, np.nan)
         ok = np.flatnonzero(batch["status"] == "ok")
         if len(ok):
-            points_model, peak_values = self.codec.decode(self.predict_heatmaps(batch["image"][ok]))
+            original_sizes = np.stack([batch["original_width"][ok], batch["original_height"][ok]], axis=1)
+            points_model, peak_values = self.codec.decode(self.predict_heatmaps(batch["image"][ok]), original_sizes)
             for slot, index in enumerate(ok):
                 transform = ResizeTransform(int(batch["original_width"][index]), int(batch["original_height"][index]), self.codec.input_size)
                 points_original[index] = transform.to_original(points_model[slot])
@@ -199,6 +200,7 @@ def run_inference(options: InferOptions) -> dict:
 
     final = read_predictions(output_dir)
     final = final[final["image_path"].isin(set(inputs["image_path"]))]
+    final = final[[c for c in OUTPUT_COLUMNS if c in final] + [c for c in final if c not in OUTPUT_COLUMNS]]
     _compact_if_needed(predictions_dir, final)
     csv_path = os.path.join(output_dir, "predictions.csv")
     final.sort_values("image_path").to_csv(csv_path + ".tmp", index=False)

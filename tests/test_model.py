@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from fetalpipe.model import MODEL_CONFIGS, HeatmapUNet, ModelConfig
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+def test_output_shape_and_range(name):
+    config = MODEL_CONFIGS[name]
+    model = HeatmapUNet(config).eval()
+    with torch.no_grad():
+        maps = model(torch.rand(2, 1, 64, 64))
+    assert maps.shape == (2, config.out_maps, 64 // config.stem_stride, 64 // config.stem_stride)
+    assert maps.min() >= 0 and maps.max() <= 1
+
+
+def test_seed_matches_report_cost_scale():
+    """Two encoder blocks, bottleneck, two decoder blocks: the report's ≈12.7 GFLOP per 256² image."""
+    model = HeatmapUNet(MODEL_CONFIGS["seed"])
+    flops = 0
+
+    def count(module, inputs, output):
+        nonlocal flops
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            spatial = output.shape[2] * output.shape[3] if isinstance(module, torch.nn.Conv2d) else inputs[0].shape[2] * inputs[0].shape[3]
+            flops += 2 * spatial * module.in_channels * module.out_channels * module.kernel_size[0] * module.kernel_size[1]
+
+    for module in model.modules():
+        module.register_forward_hook(count)
+    with torch.no_grad():
+        model(torch.rand(1, 1, 256, 256))
+    assert flops / 1e9 == pytest.approx(12.7, rel=0.05)
+    assert len(model.encoders) == 2 and len(model.decoders) == 2
