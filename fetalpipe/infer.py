@@ -119,6 +119,10 @@ class LandmarkPredictor:
                 points_original[index] = transform.to_original(points_model[slot])
             confidence[ok] = peak_values.mean(axis=1)
         output = {key: value for key, value in batch.items() if key != "image"}
+        not_found = (batch["status"] == "ok") & np.isnan(points_original).any(axis=(1, 2))
+        if not_found.any():
+            output["status"] = np.where(not_found, "error", batch["status"]).astype(object)
+            output["error"] = np.where(not_found, "no fetal head found (model output below detection threshold)", batch["error"]).astype(object)
         output.update({column: points_original.reshape(count, 8)[:, i] for i, column in enumerate(LANDMARK_COLUMNS)})
         output.update(biometry_mm(points_original, batch["pixel_spacing_mm"]))
         output["confidence"] = confidence

@@ -1,0 +1,137 @@
+"""The batch-inference contract, on a local Ray instance shared by the session."""
+
+import json
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import SAMPLE_DIR, write_png
+from fetalpipe import LANDMARK_COLUMNS
+from fetalpipe.cli import main
+from fetalpipe.infer import InferOptions, read_predictions, run_inference
+from test_imaging import GRAY, make_dicom
+
+CONTRACT_COLUMNS = [
+    "image_path", "status", "error", *LANDMARK_COLUMNS, "ofd_px", "bpd_px", "hc_px", "hc_ellipse_px",
+    "pixel_spacing_mm", "ofd_mm", "bpd_mm", "hc_mm", "hc_ellipse_mm", "confidence", "model_sha256", "fetalpipe_version",
+]
+
+
+@pytest.fixture
+def archive(tmp_path):
+    """Four real sample images, one DICOM with spacing, and one of each broken kind."""
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    sample = pd.read_csv(os.path.join(SAMPLE_DIR, "manifest.csv"), dtype={"subject_id": str}).head(4)
+    rows = []
+    for row in sample.itertuples():
+        target = folder / f"scan {row.subject_id} é.png"  # spaces and non-ASCII in names
+        shutil.copy(os.path.join(SAMPLE_DIR, row.image_path), target)
+        rows.append({"image_path": target.name, "subject_id": row.subject_id, "pixel_spacing_mm": row.pixel_spacing_mm})
+    real = cv2.imread(os.path.join(SAMPLE_DIR, sample.image_path[0]), cv2.IMREAD_GRAYSCALE)
+    (folder / "scan.dcm").write_bytes(make_dicom(real.astype(np.uint16), spacing=0.2))
+    rows.append({"image_path": "scan.dcm", "subject_id": "dicom", "pixel_spacing_mm": np.nan})
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("this is not an image")
+    png = cv2.imencode(".png", real)[1].tobytes()
+    (folder / "truncated.png").write_bytes(png[: len(png) // 3])
+    (folder / "a_directory.png").mkdir()
+    for name in ("empty.png", "text.png", "truncated.png", "a_directory.png", "missing.png"):
+        rows.append({"image_path": name, "subject_id": "bad", "pixel_spacing_mm": 0.1})
+    manifest = folder / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+EXPECTED_ERRORS = {
+    "empty.png": "empty file",
+    "text.png": "looks like text",
+    "truncated.png": "PNG signature but corrupt or truncated",
+    "a_directory.png": "is a directory",
+    "missing.png": "file not found",
+}
+
+
+def test_contract_errors_resume_and_idempotency(ray_local, tiny_model_path, archive, tmp_path):
+    output = tmp_path / "out"
+    options = InferOptions(output_dir=str(output), manifest=str(archive), model_path=tiny_model_path, batch_size=4, actors=1, overlays=True)
+
+    # An interrupted first run: only the first three rows were done.
+    partial = pd.read_csv(archive).head(3)
+    partial_manifest = archive.parent / "partial.csv"
+    partial.to_csv(partial_manifest, index=False)
+    first = run_inference(InferOptions(**{**options.__dict__, "manifest": str(partial_manifest)}))
+    assert first["rows"] == 3
+
+    summary = run_inference(options)
+    assert summary["processed_this_run"] == 10 - 3  # resume: only what was not done
+    parquet = read_predictions(str(output))
+    csv = pd.read_csv(output / "predictions.csv")
+    csv["error"] = csv["error"].fillna("")  # CSV cannot tell an empty string from a missing value
+    assert list(csv.columns[: len(CONTRACT_COLUMNS)]) == CONTRACT_COLUMNS
+    assert "subject_id" in csv.columns
+    assert len(csv) == 10 and csv["image_path"].is_unique
+    pd.testing.assert_frame_equal(
+        parquet.sort_values("image_path").reset_index(drop=True)[CONTRACT_COLUMNS],
+        csv.sort_values("image_path").reset_index(drop=True)[CONTRACT_COLUMNS],
+        check_dtype=False,
+    )
+    by_name = csv.set_index(csv["image_path"].map(os.path.basename))
+    for name, message in EXPECTED_ERRORS.items():
+        assert by_name.loc[name, "status"] == "error"
+        assert message in by_name.loc[name, "error"]
+    ok = csv[csv["status"] == "ok"]
+    assert len(ok) == 5
+    assert ok[list(LANDMARK_COLUMNS)].notna().all().all()
+    dicom = by_name.loc["scan.dcm"]
+    assert dicom["pixel_spacing_mm"] == pytest.approx(0.2)  # read from the file
+    assert dicom["hc_mm"] == pytest.approx(dicom["hc_px"] * 0.2)
+    assert len(os.listdir(output / "overlays")) == 5
+    record = json.loads((output / "run.json").read_text())
+    assert record["counts"] == {"rows": 10, "ok": 5, "error": 5, "processed_this_run": 7}
+    assert record["model_sha256"] == ok["model_sha256"].iloc[0]
+
+    # Rerun: nothing to do, identical rows.
+    again = run_inference(options)
+    assert again["processed_this_run"] == 0
+    pd.testing.assert_frame_equal(pd.read_csv(output / "predictions.csv").fillna({"error": ""}), csv)
+
+    # A changed file is redone and replaces its old row (never a duplicate).
+    first_image = archive.parent / pd.read_csv(archive)["image_path"][0]
+    write_png(first_image, GRAY)
+    changed = run_inference(options)
+    assert changed["processed_this_run"] == 1
+    final = read_predictions(str(output))
+    assert len(final) == 10 and final["image_path"].is_unique
+    stored = pd.concat(pd.read_parquet(output / "predictions" / name) for name in os.listdir(output / "predictions"))
+    assert len(stored) == 10
+
+
+def test_folder_input_and_overwrite(ray_local, tiny_model_path, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(os.path.join(SAMPLE_DIR, "training_set", sorted(n for n in os.listdir(os.path.join(SAMPLE_DIR, "training_set")) if "Annotation" not in n)[0]), folder / name)
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    output = tmp_path / "out"
+    summary = run_inference(InferOptions(output_dir=str(output), input_glob=str(folder), model_path=tiny_model_path, actors=1))
+    assert summary["rows"] == 2 and summary["ok"] == 2
+    csv = pd.read_csv(output / "predictions.csv")
+    assert csv["hc_mm"].isna().all()  # no spacing known: no mm
+    redo = run_inference(InferOptions(output_dir=str(output), input_glob=str(folder), model_path=tiny_model_path, actors=1, overwrite=True))
+    assert redo["processed_this_run"] == 2 and redo["rows"] == 2
+
+
+def test_cli_exit_codes_for_jobs_that_cannot_run(tmp_path, tiny_model_path, capsys):
+    bad_manifest = tmp_path / "bad.csv"
+    bad_manifest.write_text("path\nx.png\n")
+    assert main(["infer", "--manifest", str(bad_manifest), "--output", str(tmp_path / "o"), "--model", tiny_model_path]) == 2
+    assert "missing required column 'image_path'" in capsys.readouterr().err
+    not_a_model = tmp_path / "model.pt"
+    not_a_model.write_bytes(b"garbage")
+    assert main(["infer", "--manifest", str(bad_manifest), "--output", str(tmp_path / "o"), "--model", str(not_a_model)]) == 2
+    assert "cannot read model file" in capsys.readouterr().err

@@ -1,0 +1,59 @@
+"""Ray Train on the embedded sample: outputs, best model served by infer, resume."""
+
+import os
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import SAMPLE_MANIFEST
+from fetalpipe.infer import InferOptions, run_inference
+from fetalpipe.model_io import load_model
+from fetalpipe.train import list_checkpoints, resolve_config, run_training, split_by_subject
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"base": "ellipse", "model": {"base_width": 4, "depth": 2}, "epochs": 1, "val_fraction": 0.07}))
+    return resolve_config(str(path))
+
+
+def test_split_is_by_subject_and_deterministic():
+    table = pd.DataFrame({"image_path": [f"{i}.png" for i in range(200)], "subject_id": [str(i // 2) for i in range(200)]})
+    train, val = split_by_subject(table, 0.15)
+    assert set(train["subject_id"]).isdisjoint(val["subject_id"])
+    assert 0.05 < len(val) / len(table) < 0.3
+    again_train, _ = split_by_subject(table.sample(frac=1, random_state=1), 0.15)
+    assert set(again_train["image_path"]) == set(train["image_path"])
+
+
+def test_two_workers_train_then_resume_then_serve(ray_local, tiny_config, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_training(SAMPLE_MANIFEST, str(run_dir), tiny_config, workers=2, threads_per_worker=1)
+    assert result["best_epoch"] == 1
+    for name in ("metrics.csv", "loss_curves.png", "model.pt", "train_config.json"):
+        assert (run_dir / name).is_file()
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert list(metrics["epoch"]) == [1]
+    assert {"train_loss", "val_loss", "val_mre_px", "val_mre_mm", "val_hc_mae_mm"} <= set(metrics.columns)
+    assert metrics["train_images"][0] + metrics["val_images"][0] >= 19  # an equal 2-way split may drop one row
+
+    # Rerun with more epochs on the same RUN_DIR: continues from epoch 1's checkpoint.
+    longer = type(tiny_config).from_dict({**tiny_config.to_dict(), "epochs": 2})
+    run_training(SAMPLE_MANIFEST, str(run_dir), longer, workers=1, threads_per_worker=1)
+    assert [epoch for epoch, _ in list_checkpoints(str(run_dir))] == [1, 2]
+    assert list(pd.read_csv(run_dir / "metrics.csv")["epoch"]) == [1, 2]
+
+    model, config, payload = load_model(str(run_dir / "model.pt"))
+    assert config.model.base_width == 4 and payload["metrics"]["selected_by"] == "val_hc_mae_mm"
+    summary = run_inference(InferOptions(output_dir=str(tmp_path / "out"), manifest=SAMPLE_MANIFEST, model_path=str(run_dir / "model.pt"), actors=1))
+    assert summary["rows"] == 20
+
+
+def test_changed_config_on_existing_run_dir_is_refused(ray_local, tiny_config, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "train_config.json").write_text('{"lr": 123}')
+    with pytest.raises(ValueError, match="different configuration"):
+        run_training(SAMPLE_MANIFEST, str(run_dir), tiny_config, workers=1)
