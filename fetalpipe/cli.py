@@ -44,7 +44,7 @@ def _cmd_infer(args) -> int:
     options = InferOptions(
         output_dir=args.output, manifest=args.manifest, input_glob=args.input, model_path=args.model,
         batch_size=args.batch_size, actors=args.actors, threads_per_actor=args.threads_per_actor,
-        overlays=args.overlays, overwrite=args.overwrite, ray_address=args.address,
+        overlays=args.overlays, overwrite=args.overwrite, ray_address=args.address, flip_average=args.flip_average,
     )
     summary = run_inference(options)
     print(json.dumps({k: summary[k] for k in ("rows", "ok", "error", "processed_this_run", "seconds")}, indent=2))
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--threads-per-actor", type=int, default=1)
     command.add_argument("--overlays", action="store_true")
     command.add_argument("--overwrite", action="store_true")
+    command.add_argument("--flip-average", action="store_true", help="test-time augmentation: average with the mirrored image (2x cost)")
     command.add_argument("--address")
     command.set_defaults(handler=_cmd_infer)
 

@@ -1,0 +1,129 @@
+"""Inference end-to-end benchmark: `fetalpipe infer` (Ray startup included) vs a seed-style loop and
+vs a plain single-process loop of the same model and settings, in one run on one machine.
+
+    python bench/infer_bench.py --hc18 ../shared/data/hc18 --copies 3 --seed-images 160
+
+The archive is the HC18 test_set (335 images) plus flipped copies, generated in a temp folder (not
+committed). Prints a table and writes bench/results/infer.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fetalpipe.heatmaps import HeatmapCodec  # noqa: E402
+from fetalpipe.imaging import read_image, resize_to_model  # noqa: E402
+from fetalpipe.model import MODEL_CONFIGS, HeatmapUNet  # noqa: E402
+from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model  # noqa: E402
+
+
+def build_archive(hc18_dir: str, copies: int, folder: str) -> str:
+    spacing = pd.read_csv(os.path.join(hc18_dir, "test_set_pixel_size.csv"))
+    rows = []
+    for filename, pixel_spacing_mm in spacing.itertuples(index=False):
+        image = cv2.imread(os.path.join(hc18_dir, "test_set", filename), cv2.IMREAD_GRAYSCALE)
+        for copy in range(copies):
+            variant = [image, cv2.flip(image, 1), cv2.flip(image, 0), cv2.flip(image, -1)][copy % 4]
+            path = os.path.join(folder, f"{copy}_{filename}")
+            cv2.imwrite(path, variant)
+            rows.append({"image_path": path, "pixel_spacing_mm": pixel_spacing_mm})
+    manifest = os.path.join(folder, "manifest.csv")
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+def seed_style_loop(paths: list[str], batch_size: int = 8) -> float:
+    """The report's loop: cv2 decode + 256² resize + eager fp32 seed U-Net + argmax, batch 8."""
+    model = HeatmapUNet(MODEL_CONFIGS["seed"]).eval()
+    codec = HeatmapCodec(refine=False)
+    started = time.perf_counter()
+    for start in range(0, len(paths), batch_size):
+        images = [cv2.resize(cv2.imread(p, cv2.IMREAD_GRAYSCALE), (256, 256)).astype(np.float32) / 255 for p in paths[start:start + batch_size]]
+        with torch.no_grad():
+            heatmaps = model(torch.from_numpy(np.stack(images)[:, None])).numpy()
+        codec.decode(heatmaps)
+    return len(paths) / (time.perf_counter() - started)
+
+
+def plain_loop(paths: list[str], model_path: str, batch_size: int) -> float:
+    """The shipped model and settings, in one process, no Ray."""
+    model, config, _ = load_model(model_path)
+    codec = config.codec()
+    started = time.perf_counter()
+    for start in range(0, len(paths), batch_size):
+        decoded = [read_image(p).pixels for p in paths[start:start + batch_size]]
+        images = np.stack([resize_to_model(pixels, config.input_size)[0] for pixels in decoded])
+        sizes = np.array([[pixels.shape[1], pixels.shape[0]] for pixels in decoded])
+        with torch.inference_mode():
+            heatmaps = model(torch.from_numpy(images[:, None])).numpy()
+        codec.decode(heatmaps, sizes)
+    return len(paths) / (time.perf_counter() - started)
+
+
+def fetalpipe_infer(manifest: str, output: str, model_path: str, actors: int, batch_size: int) -> tuple[float, dict]:
+    started = time.perf_counter()
+    subprocess.run(
+        ["fetalpipe", "infer", "--manifest", manifest, "--output", output, "--model", model_path, "--actors", str(actors), "--batch-size", str(batch_size)],
+        check=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    elapsed = time.perf_counter() - started
+    with open(os.path.join(output, "run.json")) as handle:
+        record = json.load(handle)
+    return elapsed, record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hc18", default="../shared/data/hc18")
+    parser.add_argument("--copies", type=int, default=3)
+    parser.add_argument("--seed-images", type=int, default=160, help="the seed loop is slow: timed on this many images")
+    parser.add_argument("--model", default=DEFAULT_MODEL_PATH)
+    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    with tempfile.TemporaryDirectory() as folder:
+        manifest = build_archive(args.hc18, args.copies, folder)
+        paths = pd.read_csv(manifest)["image_path"].tolist()
+        infer_seconds, record = fetalpipe_infer(manifest, os.path.join(folder, "out"), args.model, args.actors, args.batch_size)
+        infer_rate = len(paths) / infer_seconds
+        plain_rate = plain_loop(paths, args.model, args.batch_size)
+        seed_rate = seed_style_loop(paths[: args.seed_images])
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "images": len(paths),
+        "fetalpipe_infer_img_per_s_end_to_end": round(infer_rate, 2),
+        "fetalpipe_infer_seconds_end_to_end": round(infer_seconds, 2),
+        "fetalpipe_pipeline_img_per_s": record["timings"]["images_per_second"],
+        "plain_loop_img_per_s": round(plain_rate, 2),
+        "seed_loop_img_per_s": round(seed_rate, 2),
+        "speedup_vs_seed_loop": round(infer_rate / seed_rate, 2),
+        "ray_vs_plain_loop": round(infer_rate / plain_rate, 3),
+        "ok_rows": record["counts"]["ok"],
+        "settings": {"actors": args.actors, "batch_size": args.batch_size, "model": os.path.basename(args.model), "seed_images": args.seed_images},
+    }
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    with open(os.path.join(os.path.dirname(__file__), "results", "infer.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(f"{'what':42s} {'img/s':>8s}")
+    print(f"{'fetalpipe infer, end to end (Ray start incl.)':42s} {infer_rate:8.2f}")
+    print(f"{'  of which the Ray Data pipeline alone':42s} {record['timings']['images_per_second']:8.2f}")
+    print(f"{'plain single-process loop, same model':42s} {plain_rate:8.2f}")
+    print(f"{'seed-style loop (seed U-Net, fp32, bs 8)':42s} {seed_rate:8.2f}")
+    print(f"speed-up vs seed loop {results['speedup_vs_seed_loop']}x; Ray vs plain loop {results['ray_vs_plain_loop']}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Training-step throughput per model config × threads × precision × memory format (one process;
+two 1-thread Ray workers ≈ 2 × the 1-thread figure, minus gradient all-reduce).
+
+    python bench/train_step_bench.py --repeats 3
+
+Prints a table (median img/s over repeats) and writes bench/results/train_step.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fetalpipe.model import MODEL_CONFIGS, HeatmapUNet  # noqa: E402
+
+
+def images_per_second(config_name: str, threads: int, bf16: bool, channels_last: bool, batch_size: int, steps: int) -> float:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = HeatmapUNet(MODEL_CONFIGS[config_name])
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images = torch.rand(batch_size, 1, 256, 256).contiguous(memory_format=memory_format)
+    timings = []
+    for step in range(steps + 1):
+        started = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            output = model(images)
+        loss = output.float().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step:  # the first step pays one-off kernel set-up
+            timings.append(time.perf_counter() - started)
+    return batch_size / statistics.median(timings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--configs", default="seed,fast")
+    args = parser.parse_args()
+    rows = []
+    for config_name in args.configs.split(","):
+        for threads in (1, 2):
+            for bf16, channels_last in ((False, False), (False, True), (True, False)):
+                rates = [images_per_second(config_name, threads, bf16, channels_last, args.batch_size, args.steps) for _ in range(args.repeats)]
+                rows.append({"config": config_name, "threads": threads, "bf16": bf16, "channels_last": channels_last, "img_per_s_median": round(statistics.median(rates), 2)})
+                print(f"{config_name:6s} threads={threads} bf16={bf16!s:5s} channels_last={channels_last!s:5s} {rows[-1]['img_per_s_median']:7.2f} img/s", flush=True)
+    machine = {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    with open(os.path.join(os.path.dirname(__file__), "results", "train_step.json"), "w") as handle:
+        json.dump({"machine": machine, "batch_size": args.batch_size, "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
