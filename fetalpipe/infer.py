@@ -177,7 +177,7 @@ def run_inference(options: InferOptions) -> dict:
 
     started = time.perf_counter()
     model_path = os.path.abspath(options.model_path or DEFAULT_MODEL_PATH)
-    load_model(model_path)  # fail fast, in the driver, with a clear message
+    _, config, _ = load_model(model_path)  # fail fast, in the driver, with a clear message
     model_sha256 = file_sha256(model_path)
     inputs = collect_inputs(options.manifest, options.input_glob)
     output_dir = os.path.abspath(options.output_dir)
@@ -199,7 +199,7 @@ def run_inference(options: InferOptions) -> dict:
         if not ray.is_initialized():
             ray.init(address=ray_address_or_local(options.ray_address), include_dashboard=False)
         pipeline_started = time.perf_counter()
-        _run_pipeline(pending, options, model_path, predictions_dir, run_id)
+        _run_pipeline(pending, options, model_path, config.input_size, predictions_dir, run_id)
         pipeline_seconds = time.perf_counter() - pipeline_started
 
     final = read_predictions(output_dir)
@@ -227,12 +227,10 @@ def run_inference(options: InferOptions) -> dict:
     return summary
 
 
-def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str, predictions_dir: str, run_id: str) -> None:
+def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str, input_size: int, predictions_dir: str, run_id: str) -> None:
     import ray.data
 
     from fetalpipe.preprocess import decode_batch
-
-    _, config, _ = __import__("fetalpipe.model_io", fromlist=["load_model"]).load_model(model_path)
     table = pending.copy()
     if "pixel_spacing_mm" not in table:
         table["pixel_spacing_mm"] = np.nan
@@ -243,7 +241,7 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
     # One block per batch, made in the driver: no shuffle/repartition task competing with the actors for CPUs.
     dataset = ray.data.from_pandas([table.iloc[start:start + options.batch_size] for start in range(0, len(table), options.batch_size)])
     dataset = dataset.map_batches(
-        functools.partial(decode_batch, input_size=config.input_size), batch_format="numpy", batch_size=options.batch_size, num_cpus=DECODE_CPUS,
+        functools.partial(decode_batch, input_size=input_size), batch_format="numpy", batch_size=options.batch_size, num_cpus=DECODE_CPUS,
     )
     dataset = dataset.map_batches(
         LandmarkPredictor,

@@ -88,8 +88,6 @@ def validate_manifest(
                 raise ManifestError(f"{source}: row {row + 1}, column 'pixel_spacing_mm': not a number ({raw!r})")
             if not pd.isna(value) and value <= 0:
                 raise ManifestError(f"{source}: row {row + 1}, column 'pixel_spacing_mm': must be positive, got {value}")
-            if require_landmarks and pd.isna(value):
-                continue  # spacing is optional even for training: mm metrics skip such rows
         table["pixel_spacing_mm"] = spacing.astype("float64")
     if require_landmarks:
         missing = [column for column in LANDMARK_COLUMNS if column not in table.columns]

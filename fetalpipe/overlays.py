@@ -38,9 +38,8 @@ def draw_overlay(row: dict, overlay_dir: str) -> str:
     cv2.ellipse(canvas, (int(round(centre[0])), int(round(centre[1]))), (int(round(semi_ofd)), int(round(semi_bpd))), angle_deg, 0, 360, ELLIPSE_COLOR_BGR, thickness, cv2.LINE_AA)
     for point in as_int:
         cv2.circle(canvas, point, thickness + 2, (0, 0, 255), -1)
-    unit, scale = ("mm", 1.0) if np.isfinite(row.get("hc_mm", np.nan)) else ("px", None)
-    suffix = "mm" if scale else "px"
-    text = f"BPD {row[f'bpd_{suffix}']:.1f} {unit}  OFD {row[f'ofd_{suffix}']:.1f} {unit}  HC {row[f'hc_ellipse_{suffix}']:.1f} {unit}"
+    unit = "mm" if np.isfinite(row.get("hc_mm", np.nan)) else "px"  # px only when spacing is unknown
+    text = f"BPD {row[f'bpd_{unit}']:.1f} {unit}  OFD {row[f'ofd_{unit}']:.1f} {unit}  HC {row[f'hc_ellipse_{unit}']:.1f} {unit}"
     font_scale = max(0.5, canvas.shape[1] / 1200)
     cv2.putText(canvas, text, (10, int(30 * font_scale + 5)), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thickness, cv2.LINE_AA)
     path = os.path.join(overlay_dir, overlay_filename(str(row["image_path"])))

@@ -143,6 +143,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from fetalpipe.evaluate import per_image_errors
     from fetalpipe.model import HeatmapUNet
+    from fetalpipe.preprocess import transforms_of
 
     torch.set_num_threads(loop_config["threads_per_worker"])
     config = TrainConfig.from_dict(loop_config["train_config"])
@@ -198,8 +199,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 val_loss_sum += float(heatmap_loss(predicted, targets, config.loss, config.foreground_weight)) * len(images)
                 val_seen += len(images)
                 points_model, _ = codec.decode(predicted.numpy(), np.stack([batch["original_width"], batch["original_height"]], axis=1))
-                scale_xy = np.stack([config.input_size / batch["original_width"], config.input_size / batch["original_height"]], axis=1)[:, None, :]
-                points_original = (points_model + 0.5) / scale_xy - 0.5  # same mapping as imaging.ResizeTransform.to_original
+                points_original = np.stack([t.to_original(p) for t, p in zip(transforms_of(batch, config.input_size), points_model)])
                 error_tables.append(per_image_errors(points_original, batch["points_original"], batch["pixel_spacing_mm"], batch.get("hc_mm")))
         errors = pd.concat(error_tables) if error_tables else pd.DataFrame()
         val_sums = [val_loss_sum, val_seen] if rank == 0 else [0.0, 0]
