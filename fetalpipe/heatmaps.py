@@ -19,6 +19,7 @@ from fetalpipe.biometry import canonical_order
 
 LAYOUTS = ("ordered", "pairs", "ellipse")
 ELLIPSE_OUTLINE_SAMPLES = 256
+HULL_SOLIDITY_THRESHOLD = 0.98  # blob area / hull area below this: fit the hull instead
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,18 @@ class HeatmapCodec:
             if not contours or len(max(contours, key=len)) < 5:
                 continue
             contour = max(contours, key=len)
-            (centre_x, centre_y), (axis_a, axis_b), angle_deg = cv2.fitEllipse(contour)
+            hull = cv2.convexHull(contour)
+            if cv2.contourArea(contour) < HULL_SOLIDITY_THRESHOLD * cv2.contourArea(hull):
+                # The head is convex: a map with bites out of it (under-segmented large heads) is fitted by its hull.
+                hull_mask = np.zeros((height, width), np.uint8)
+                cv2.fillPoly(hull_mask, [hull], 1)
+                contour = cv2.findContours(hull_mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)[0][0]
+            contour = contour[:, 0, :]
+            # Where the head runs off the frame the outline follows the image edge, not the skull: fit the rest.
+            on_skull = (contour[:, 0] > 0) & (contour[:, 0] < width - 1) & (contour[:, 1] > 0) & (contour[:, 1] < height - 1)
+            if on_skull.sum() >= 5:
+                contour = contour[on_skull]
+            (centre_x, centre_y), (axis_a, axis_b), angle_deg = cv2.fitEllipse(contour.astype(np.float32))
             # Contour pixels are the inner boundary, half a pixel inside the 0.5 level.
             semi_a, semi_b = axis_a / 2 + 0.5, axis_b / 2 + 0.5
             angle = np.deg2rad(angle_deg)
