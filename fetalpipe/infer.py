@@ -160,7 +160,8 @@ def read_predictions(output_dir: str) -> pd.DataFrame:
         try:
             tables.append(pq.read_table(path).to_pandas())
         except Exception:
-            os.replace(path, path + ".corrupt")
+            # Leading "_": pyarrow/pandas dataset readers skip it, and it stays for inspection.
+            os.replace(path, os.path.join(os.path.dirname(path), "_corrupt-" + os.path.basename(path)))
     if not tables:
         return pd.DataFrame(columns=list(OUTPUT_COLUMNS))
     table = pd.concat(tables, ignore_index=True)
