@@ -101,9 +101,10 @@ def test_worker_node_killed_mid_run_training_finishes_from_checkpoint(two_node_c
         time.sleep(1)
     assert training.poll() is None, "training ended before the fault could be injected"
     kill_node(workers[0])  # the node dies with its training worker
+    wait_for_nodes(address, 1, timeout_s=180)  # Ray has noticed the death
     workers.append(start_node([f"--address={address}", "--node-ip-address=127.0.0.1"], tmp_path / "worker2.log"))  # a replacement, as an autoscaler would
     try:
-        returncode = training.wait(timeout=420)
+        returncode = training.wait(timeout=600)
     finally:
         if training.poll() is None:
             training.kill()

@@ -46,7 +46,8 @@ def test_two_workers_train_then_resume_then_serve(ray_local, tiny_config, tmp_pa
     assert list(pd.read_csv(run_dir / "metrics.csv")["epoch"]) == [1, 2]
 
     model, config, payload = load_model(str(run_dir / "model.pt"))
-    assert config.model.base_width == 4 and payload["metrics"]["selected_by"] == "val_hc_mae_mm"
+    # A 1-2 epoch toy model may find no head in any validation image; then selection falls back to pixel error.
+    assert config.model.base_width == 4 and payload["metrics"]["selected_by"] in ("val_hc_mae_mm", "val_mre_px")
     summary = run_inference(InferOptions(output_dir=str(tmp_path / "out"), manifest=SAMPLE_MANIFEST, model_path=str(run_dir / "model.pt"), actors=1))
     assert summary["rows"] == 20
 
