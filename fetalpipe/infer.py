@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import functools
 import glob
-import hashlib
 import json
 import os
 import platform
@@ -72,12 +71,10 @@ def collect_inputs(manifest: str | None, input_glob: str | None) -> pd.DataFrame
 
 def content_hash(path: str) -> str:
     """sha256 of the file bytes ('' when it cannot be read), the key that detects a changed file."""
+    from fetalpipe.model_io import file_sha256
+
     try:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return file_sha256(path)
     except OSError:
         return ""
 

@@ -257,8 +257,8 @@ def _decoded_ok(row: dict) -> bool:
 
 
 def build_datasets(table: pd.DataFrame, config: TrainConfig, blocks: int = 8):
-    """Ray Data: decode/resize/scale once (materialised, uint8-free float32 at 256² is ~0.26 MB an
-    image), then per epoch a lazy augment + heatmap-encode stage that re-runs on every pass."""
+    """Ray Data: decode/resize/scale once (materialised; float32 at 256² is ~0.26 MB an image), then
+    per epoch a lazy augment + heatmap-encode stage that re-runs on every pass."""
     import functools
 
     import ray.data
