@@ -1,7 +1,10 @@
 """Inference end-to-end benchmark: `fetalpipe infer` (Ray startup included) vs a seed-style loop and
 vs a plain single-process loop of the same model and settings, in one run on one machine.
 
-    python bench/infer_bench.py --hc18 ../shared/data/hc18 --copies 3 --seed-images 160
+    python bench/infer_bench.py --hc18 ../shared/data/hc18 --copies 3 --repeats 3
+
+Each repeat runs every variant of `fetalpipe infer`, the plain loop and the seed loop back to back;
+the table shows medians over repeats, and ratios are medians of the per-repeat ratios.
 
 The archive is the HC18 test_set (335 images) plus flipped copies, generated in a temp folder (not
 committed). Prints a table and writes bench/results/infer.json."""
@@ -25,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fetalpipe.heatmaps import HeatmapCodec  # noqa: E402
 from fetalpipe.imaging import read_image, resize_to_model  # noqa: E402
-from fetalpipe.model import MODEL_CONFIGS, HeatmapUNet  # noqa: E402
+from fetalpipe.model import MODEL_CONFIGS, HeatmapUNet, prepare_for_inference, to_model_input  # noqa: E402
 from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model  # noqa: E402
 
 
@@ -59,23 +62,28 @@ def seed_style_loop(paths: list[str], batch_size: int = 8) -> float:
 
 def plain_loop(paths: list[str], model_path: str, batch_size: int) -> float:
     """The shipped model and settings, in one process, no Ray."""
+    started = time.perf_counter()  # model load included, as in the actors
     model, config, _ = load_model(model_path)
+    model = prepare_for_inference(model)
     codec = config.codec()
-    started = time.perf_counter()
     for start in range(0, len(paths), batch_size):
         decoded = [read_image(p).pixels for p in paths[start:start + batch_size]]
         images = np.stack([resize_to_model(pixels, config.input_size)[0] for pixels in decoded])
         sizes = np.array([[pixels.shape[1], pixels.shape[0]] for pixels in decoded])
         with torch.inference_mode():
-            heatmaps = model(torch.from_numpy(images[:, None])).numpy()
+            heatmaps = model(to_model_input(images)).numpy()
         codec.decode(heatmaps, sizes)
     return len(paths) / (time.perf_counter() - started)
 
 
-def fetalpipe_infer(manifest: str, output: str, model_path: str, actors: int, batch_size: int) -> tuple[float, dict]:
+def fetalpipe_infer(manifest: str, output: str, model_path: str, variant: str, batch_size: int) -> tuple[float, dict]:
+    """`variant` is DECODE_IN:ACTORSxTHREADS, e.g. actors:2x1."""
+    decode_in, shape = variant.split(":")
+    actors, threads = shape.split("x")
     started = time.perf_counter()
     subprocess.run(
-        ["fetalpipe", "infer", "--manifest", manifest, "--output", output, "--model", model_path, "--actors", str(actors), "--batch-size", str(batch_size)],
+        ["fetalpipe", "infer", "--manifest", manifest, "--output", output, "--model", model_path, "--actors", actors,
+         "--threads-per-actor", threads, "--decode-in", decode_in, "--batch-size", str(batch_size)],
         check=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     elapsed = time.perf_counter() - started
@@ -88,41 +96,58 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hc18", default="../shared/data/hc18")
     parser.add_argument("--copies", type=int, default=3)
-    parser.add_argument("--seed-images", type=int, default=160, help="the seed loop is slow: timed on this many images")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed-images", type=int, default=96, help="the seed loop is slow: timed on this many images")
     parser.add_argument("--model", default=DEFAULT_MODEL_PATH)
-    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=["actors:2x1"], help="DECODE_IN:ACTORSxTHREADS; the first is the headline")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
+    runs = []
     with tempfile.TemporaryDirectory() as folder:
         manifest = build_archive(args.hc18, args.copies, folder)
         paths = pd.read_csv(manifest)["image_path"].tolist()
-        infer_seconds, record = fetalpipe_infer(manifest, os.path.join(folder, "out"), args.model, args.actors, args.batch_size)
-        infer_rate = len(paths) / infer_seconds
-        plain_rate = plain_loop(paths, args.model, args.batch_size)
-        seed_rate = seed_style_loop(paths[: args.seed_images])
+        for repeat in range(args.repeats):
+            run = {"infer": {}}
+            for variant in args.variants:
+                seconds, record = fetalpipe_infer(manifest, os.path.join(folder, f"out-{repeat}-{variant}"), args.model, variant, args.batch_size)
+                run["infer"][variant] = {"end_to_end": len(paths) / seconds, "pipeline": record["timings"]["images_per_second"], "ok_rows": record["counts"]["ok"]}
+            run["plain"] = plain_loop(paths, args.model, args.batch_size)
+            run["seed"] = seed_style_loop(paths[: args.seed_images])
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+    median = lambda values: float(np.median(values))
+    headline = args.variants[0]
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "images": len(paths),
-        "fetalpipe_infer_img_per_s_end_to_end": round(infer_rate, 2),
-        "fetalpipe_infer_seconds_end_to_end": round(infer_seconds, 2),
-        "fetalpipe_pipeline_img_per_s": record["timings"]["images_per_second"],
-        "plain_loop_img_per_s": round(plain_rate, 2),
-        "seed_loop_img_per_s": round(seed_rate, 2),
-        "speedup_vs_seed_loop": round(infer_rate / seed_rate, 2),
-        "ray_vs_plain_loop": round(infer_rate / plain_rate, 3),
-        "ok_rows": record["counts"]["ok"],
-        "settings": {"actors": args.actors, "batch_size": args.batch_size, "model": os.path.basename(args.model), "seed_images": args.seed_images},
+        "images": len(paths), "repeats": args.repeats,
+        "variants": {
+            variant: {
+                "end_to_end_img_per_s": round(median([r["infer"][variant]["end_to_end"] for r in runs]), 2),
+                "pipeline_img_per_s": round(median([r["infer"][variant]["pipeline"] for r in runs]), 2),
+                "speedup_vs_seed_loop": round(median([r["infer"][variant]["end_to_end"] / r["seed"] for r in runs]), 2),
+                "ray_vs_plain_loop_end_to_end": round(median([r["infer"][variant]["end_to_end"] / r["plain"] for r in runs]), 3),
+                "ray_vs_plain_loop_pipeline": round(median([r["infer"][variant]["pipeline"] / r["plain"] for r in runs]), 3),
+                "ok_rows": runs[-1]["infer"][variant]["ok_rows"],
+            }
+            for variant in args.variants
+        },
+        "plain_loop_img_per_s": round(median([r["plain"] for r in runs]), 2),
+        "seed_loop_img_per_s": round(median([r["seed"] for r in runs]), 2),
+        "headline_variant": headline,
+        "settings": {"batch_size": args.batch_size, "model": os.path.basename(args.model), "seed_images": args.seed_images},
+        "runs": runs,
     }
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     with open(os.path.join(os.path.dirname(__file__), "results", "infer.json"), "w") as handle:
         json.dump(results, handle, indent=2)
-    print(f"{'what':42s} {'img/s':>8s}")
-    print(f"{'fetalpipe infer, end to end (Ray start incl.)':42s} {infer_rate:8.2f}")
-    print(f"{'  of which the Ray Data pipeline alone':42s} {record['timings']['images_per_second']:8.2f}")
-    print(f"{'plain single-process loop, same model':42s} {plain_rate:8.2f}")
-    print(f"{'seed-style loop (seed U-Net, fp32, bs 8)':42s} {seed_rate:8.2f}")
-    print(f"speed-up vs seed loop {results['speedup_vs_seed_loop']}x; Ray vs plain loop {results['ray_vs_plain_loop']}x")
+    print(f"{len(paths)} images, medians of {args.repeats} repeats")
+    print(f"{'what':48s} {'img/s':>7s} {'x seed':>7s} {'x plain':>8s}")
+    for variant, figures in results["variants"].items():
+        print(f"{'fetalpipe infer ' + variant + ', end to end':48s} {figures['end_to_end_img_per_s']:7.2f} {figures['speedup_vs_seed_loop']:7.2f} {figures['ray_vs_plain_loop_end_to_end']:8.3f}")
+        print(f"{'  of which the Ray Data pipeline':48s} {figures['pipeline_img_per_s']:7.2f} {'':7s} {figures['ray_vs_plain_loop_pipeline']:8.3f}")
+    print(f"{'plain single-process loop, same model':48s} {results['plain_loop_img_per_s']:7.2f}")
+    print(f"{'seed-style loop (seed U-Net, fp32, bs 8)':48s} {results['seed_loop_img_per_s']:7.2f}")
 
 
 if __name__ == "__main__":

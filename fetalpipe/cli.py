@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 
 def _cmd_import_hc18(args) -> int:
@@ -45,6 +47,7 @@ def _cmd_infer(args) -> int:
         output_dir=args.output, manifest=args.manifest, input_glob=args.input, model_path=args.model,
         batch_size=args.batch_size, actors=args.actors, threads_per_actor=args.threads_per_actor,
         overlays=args.overlays, overwrite=args.overwrite, ray_address=args.address, flip_average=args.flip_average,
+        decode_in=args.decode_in,
     )
     summary = run_inference(options)
     print(json.dumps({k: summary[k] for k in ("rows", "ok", "error", "processed_this_run", "seconds")}, indent=2))
@@ -107,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--overlays", action="store_true")
     command.add_argument("--overwrite", action="store_true")
     command.add_argument("--flip-average", action="store_true", help="test-time augmentation: average with the mirrored image (2x cost)")
+    command.add_argument("--decode-in", choices=("actors", "tasks"), default="actors",
+                         help="decode images inside the model actors (default; no hand-off) or in separate Ray tasks (heavy decoding)")
     command.add_argument("--address")
     command.set_defaults(handler=_cmd_infer)
 
@@ -138,11 +143,34 @@ def main(argv: list[str] | None = None) -> int:
     from fetalpipe.manifest import ManifestError
     from fetalpipe.model_io import ModelFileError
 
+    received = []
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)  # schedulers stop jobs with SIGTERM: leave as cleanly as Ctrl-C
     try:
         return args.handler(args)
     except (ManifestError, ModelFileError, ImageDecodeError, FileNotFoundError, ValueError) as error:
         print(f"fetalpipe {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        signum = received[-1] if received else signal.SIGINT
+        print(f"fetalpipe {args.command}: interrupted by {signal.Signals(signum).name}; what was written is kept, "
+              "rerun the same command to finish", file=sys.stderr, flush=True)
+        _stop_local_ray()
+        return 128 + signum
+
+
+def _stop_local_ray() -> None:
+    """Shut down Ray if this process started or joined it (a local instance then stops with it)."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -59,12 +59,16 @@ def import_hc18(hc18_dir: str) -> pd.DataFrame:
     table = pd.read_csv(os.path.join(hc18_dir, SPACING_CSV))
     table.columns = ["filename", "pixel_spacing_mm", "hc_mm"]
     rows = []
-    for filename, pixel_spacing_mm, hc_mm in table.itertuples(index=False):
+    for row_number, (filename, pixel_spacing_mm, hc_mm) in enumerate(table.itertuples(index=False), start=1):
         annotation_path = os.path.join(hc18_dir, "training_set", filename.replace(".png", "_Annotation.png"))
+        where = f"{SPACING_CSV} row {row_number} ({filename})"
         mask = cv2.imread(annotation_path, cv2.IMREAD_GRAYSCALE)
         if mask is None:
-            raise ValueError(f"{annotation_path}: missing or unreadable annotation for {filename}")
-        points = ellipse_endpoints(*fit_annotation_ellipse(mask))
+            raise ValueError(f"{where}: missing or unreadable annotation {annotation_path}")
+        try:
+            points = ellipse_endpoints(*fit_annotation_ellipse(mask))
+        except ValueError as error:
+            raise ValueError(f"{where}: {error} in {annotation_path}") from None
         rows.append(
             {
                 "image_path": f"training_set/{filename}",

@@ -50,6 +50,9 @@ class InferOptions:
     overwrite: bool = False
     ray_address: str | None = None
     flip_average: bool = False  # test-time augmentation: average with the horizontally flipped image
+    # "actors": each model actor decodes its own batch (no hand-off between processes; best when CPUs are few).
+    # "tasks": decoding runs in separate Ray tasks (best when decoding is heavy, e.g. large DICOMs).
+    decode_in: str = "actors"
 
 
 def collect_inputs(manifest: str | None, input_glob: str | None) -> pd.DataFrame:
@@ -85,10 +88,12 @@ class LandmarkPredictor:
     def __init__(self, model_path: str, threads: int, flip_average: bool = False):
         import torch
 
+        from fetalpipe.model import prepare_for_inference
         from fetalpipe.model_io import file_sha256, load_model
 
         torch.set_num_threads(threads)
-        self.model, self.config, _ = load_model(model_path)
+        model, self.config, _ = load_model(model_path)
+        self.model = prepare_for_inference(model)
         self.codec = self.config.codec()
         self.model_sha256 = file_sha256(model_path)
         self.flip_average = flip_average
@@ -96,14 +101,20 @@ class LandmarkPredictor:
     def predict_heatmaps(self, images: np.ndarray) -> np.ndarray:
         import torch
 
+        from fetalpipe.model import to_model_input
+
         with torch.inference_mode():
-            tensor = torch.from_numpy(np.ascontiguousarray(images[:, None], dtype=np.float32))
+            tensor = to_model_input(images)
             heatmaps = self.model(tensor)
             if self.flip_average:
                 heatmaps = (heatmaps + torch.flip(self.model(torch.flip(tensor, dims=[3])), dims=[3])) / 2
             return heatmaps.float().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "image" not in batch:  # decode_in="actors": not decoded upstream
+            from fetalpipe.preprocess import decode_batch
+
+            batch = decode_batch(batch, self.codec.input_size)
         count = len(batch["image_path"])
         points_original = np.full((count, 4, 2), np.nan)
         confidence = np.full(count, np.nan)
@@ -167,13 +178,12 @@ def read_predictions(output_dir: str) -> pd.DataFrame:
 
 
 def run_inference(options: InferOptions) -> dict:
-    import ray
-
-    from fetalpipe.cluster import ray_address_or_local
-
+    from fetalpipe.cluster import connect
     from fetalpipe.model_io import DEFAULT_MODEL_PATH, file_sha256, load_model
 
     started = time.perf_counter()
+    if options.decode_in not in ("actors", "tasks"):
+        raise ValueError(f"decode_in must be 'actors' or 'tasks', got {options.decode_in!r}")
     model_path = os.path.abspath(options.model_path or DEFAULT_MODEL_PATH)
     _, config, _ = load_model(model_path)  # fail fast, in the driver, with a clear message
     model_sha256 = file_sha256(model_path)
@@ -194,8 +204,7 @@ def run_inference(options: InferOptions) -> dict:
 
     pipeline_seconds = 0.0
     if len(pending):
-        if not ray.is_initialized():
-            ray.init(address=ray_address_or_local(options.ray_address), include_dashboard=False)
+        connect(options.ray_address)
         pipeline_started = time.perf_counter()
         _run_pipeline(pending, options, model_path, config.input_size, predictions_dir, run_id)
         pipeline_seconds = time.perf_counter() - pipeline_started
@@ -238,9 +247,10 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
     table["run_sequence"] = int(time.time() * 1000)
     # One block per batch, made in the driver: no shuffle/repartition task competing with the actors for CPUs.
     dataset = ray.data.from_pandas([table.iloc[start:start + options.batch_size] for start in range(0, len(table), options.batch_size)])
-    dataset = dataset.map_batches(
-        functools.partial(decode_batch, input_size=input_size), batch_format="numpy", batch_size=options.batch_size, num_cpus=DECODE_CPUS,
-    )
+    if options.decode_in == "tasks":
+        dataset = dataset.map_batches(
+            functools.partial(decode_batch, input_size=input_size), batch_format="numpy", batch_size=options.batch_size, num_cpus=DECODE_CPUS,
+        )
     dataset = dataset.map_batches(
         LandmarkPredictor,
         fn_constructor_kwargs={"model_path": model_path, "threads": options.threads_per_actor, "flip_average": options.flip_average},

@@ -18,6 +18,11 @@ class ModelConfig:
     stem_stride: int = 1  # 2 = a strided stem conv: the U-Net runs at half resolution, 4x cheaper
     attention: bool = False  # attention gates on the skip connections
     out_maps: int = 4  # heatmaps produced (4 ordered landmarks or 2 order-free pairs)
+    max_width: int = 0  # caps the channel doubling (0 = no cap): deep, cheap levels for global context
+
+    def widths(self) -> list[int]:
+        widths = [self.base_width * 2**level for level in range(self.depth + 1)]
+        return [min(width, self.max_width) for width in widths] if self.max_width else widths
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -27,6 +32,9 @@ MODEL_CONFIGS = {
     "seed": ModelConfig(),
     "attention": ModelConfig(attention=True),
     "fast": ModelConfig(base_width=16, depth=3, stem_stride=2),
+    # `fast` with two more levels capped at 128 channels: the bottleneck sees the whole 256² input
+    # (large late-pregnancy heads fill most of the frame), for a few % more compute.
+    "fast_deep": ModelConfig(base_width=16, depth=5, stem_stride=2, max_width=128),
 }
 
 
@@ -60,7 +68,7 @@ class HeatmapUNet(nn.Module):
     def __init__(self, config: ModelConfig = ModelConfig()):
         super().__init__()
         self.config = config
-        widths = [config.base_width * 2**level for level in range(config.depth + 1)]
+        widths = config.widths()
         self.stem = (
             nn.Sequential(nn.Conv2d(1, widths[0], 3, stride=2, padding=1), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
             if config.stem_stride == 2
@@ -99,3 +107,36 @@ class HeatmapUNet(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Inference only: fold every BatchNorm into the convolution before it. Same outputs (to float
+    rounding), one memory-bound pass fewer per block. The model must be in eval mode and is changed in place."""
+    if model.training:
+        raise ValueError("fold_batchnorm needs a model in eval mode (it uses the running statistics)")
+    for sequence in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(sequence._modules)
+        for conv_name, norm_name in zip(names, names[1:]):
+            conv, norm = sequence._modules[conv_name], sequence._modules[norm_name]
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+                conv.weight = nn.Parameter(conv.weight * scale[:, None, None, None])
+                conv.bias = nn.Parameter((bias - norm.running_mean) * scale + norm.bias)
+                sequence._modules[norm_name] = nn.Identity()
+    return model
+
+
+def prepare_for_inference(model: nn.Module) -> nn.Module:
+    """Eval mode, BatchNorm folded, channels_last weights (on AVX2 CPUs ~1.5x faster forward with
+    channels_last input; `bench/infer_bench.py`). Feed it `to_model_input(...)`."""
+    return fold_batchnorm(model.eval()).to(memory_format=torch.channels_last)
+
+
+def to_model_input(images) -> torch.Tensor:
+    """float32 [B, S, S] images in [0, 1] -> the [B, 1, S, S] channels_last tensor a prepared model expects."""
+    import numpy as np
+
+    tensor = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)[:, None])
+    return tensor.contiguous(memory_format=torch.channels_last)

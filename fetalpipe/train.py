@@ -80,6 +80,11 @@ TRAIN_CONFIGS = {
         model=MODEL_CONFIGS["fast"], layout="ellipse", refine=True, epochs=30, batch_size=8, lr=2e-3,
         lr_schedule="cosine", loss="bce", augment=True,
     ),
+    # `ellipse` on the deeper trunk: whole-image context for the large heads `ellipse` under-segments.
+    "ellipse_deep": TrainConfig(
+        model=MODEL_CONFIGS["fast_deep"], layout="ellipse", refine=True, epochs=30, batch_size=8, lr=2e-3,
+        lr_schedule="cosine", loss="bce", augment=True,
+    ),
 }
 
 
@@ -250,10 +255,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=saved)
 
 
-def _decoded_ok(row: dict) -> bool:
-    if row["status"] != "ok":
-        print(f"fetalpipe train: skipping {row['image_path']}: {row['error']}", flush=True)
-    return row["status"] == "ok"
+def _rows_with_status(batch: dict[str, np.ndarray], ok: bool) -> dict[str, np.ndarray]:
+    keep = (batch["status"] == "ok") == ok
+    return {key: value[keep] for key, value in batch.items()}
 
 
 def build_datasets(table: pd.DataFrame, config: TrainConfig, blocks: int = 8):
@@ -276,8 +280,10 @@ def build_datasets(table: pd.DataFrame, config: TrainConfig, blocks: int = 8):
         part = part[columns + [c for c in ("pixel_spacing_mm", "hc_mm") if c not in columns]]
         rows_per_block = int(np.ceil(len(part) / blocks))
         dataset = ray.data.from_pandas([part.iloc[start:start + rows_per_block] for start in range(0, len(part), rows_per_block)])
-        dataset = dataset.map_batches(functools.partial(decode_batch, input_size=config.input_size), batch_format="numpy", batch_size=16)
-        dataset = dataset.filter(_decoded_ok)
+        decoded = dataset.map_batches(functools.partial(decode_batch, input_size=config.input_size), batch_format="numpy", batch_size=16).materialize()
+        # Policy: an image that cannot be decoded is skipped, never fatal, and never silent (skipped_images.csv).
+        skipped.append(decoded.map_batches(_rows_with_status, fn_kwargs={"ok": False}, batch_format="numpy").select_columns(["image_path", "error"]).to_pandas())
+        dataset = decoded.map_batches(_rows_with_status, fn_kwargs={"ok": True}, batch_format="numpy")
         dataset = dataset.map_batches(functools.partial(scale_landmarks_batch, input_size=config.input_size), batch_format="numpy", batch_size=64)
         dataset = dataset.materialize()
         return dataset.map_batches(
@@ -290,9 +296,11 @@ def build_datasets(table: pd.DataFrame, config: TrainConfig, blocks: int = 8):
     train_table, val_table = split_by_subject(table, config.val_fraction)
     if len(train_table) == 0 or len(val_table) == 0:
         raise ValueError(f"split by subject left {len(train_table)} train / {len(val_table)} validation images; need both")
+    skipped: list[pd.DataFrame] = []
     train_ds = prepared(train_table, AugmentConfig() if config.augment else None)
     val_ds = prepared(val_table, None)
-    return train_ds, val_ds, len(train_table), len(val_table)
+    skipped_table = pd.concat(skipped, ignore_index=True)
+    return train_ds, val_ds, len(train_table) - len(skipped[0]), len(val_table) - len(skipped[1]), skipped_table
 
 
 def run_training(
@@ -305,20 +313,17 @@ def run_training(
     ray_address: str | None = None,
 ) -> dict:
     """Train (or resume) into RUN_DIR; write metrics.csv, loss_curves.png and the best model.pt."""
-    import ray
-
-    from fetalpipe.cluster import ray_address_or_local
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from fetalpipe.cluster import connect
     from fetalpipe.manifest import load_manifest
 
     table = load_manifest(manifest_path, require_landmarks=True)
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     _write_or_check_config(run_dir, config)
-    if not ray.is_initialized():
-        ray.init(address=ray_address_or_local(ray_address), include_dashboard=False)
+    connect(ray_address)
     done = list_checkpoints(run_dir)
     if done and done[-1][0] >= config.epochs:
         print(f"fetalpipe train: {run_dir} already holds all {config.epochs} epochs; rewriting its outputs", flush=True)
@@ -326,8 +331,15 @@ def run_training(
     latest_checkpoint = done[-1][1] if done else None
     if latest_checkpoint:
         print(f"fetalpipe train: resuming after epoch {done[-1][0]} from {done[-1][1]}", flush=True)
-    train_ds, val_ds, train_count, val_count = build_datasets(table, config)
+    train_ds, val_ds, train_count, val_count, skipped = build_datasets(table, config)
+    skipped.to_csv(os.path.join(run_dir, "skipped_images.csv"), index=False)
+    if len(skipped):
+        print(f"fetalpipe train: WARNING: skipping {len(skipped)} unreadable image(s), listed in {run_dir}/skipped_images.csv:", flush=True)
+        for row in skipped.head(10).itertuples():
+            print(f"  {row.image_path}: {row.error}", flush=True)
     print(f"fetalpipe train: {train_count} train / {val_count} validation images (split by subject_id)", flush=True)
+    if train_count == 0 or val_count == 0:
+        raise ValueError(f"no readable images left in the {'training' if train_count == 0 else 'validation'} split")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train_config": config.to_dict(), "threads_per_worker": threads_per_worker, "resume_from": latest_checkpoint},

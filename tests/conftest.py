@@ -58,3 +58,16 @@ def write_png(path, image):
 def ultrasound_like(height=120, width=160, seed=0):
     rng = np.random.default_rng(seed)
     return (rng.random((height, width)) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def reliability_log():
+    """Tests record each bad input or fault they tried and what happened. With
+    FETALPIPE_RELIABILITY_TABLE=PATH the session writes them as the table in docs/reliability.md."""
+    rows = []
+    yield lambda **row: rows.append(row)
+    target = os.environ.get("FETALPIPE_RELIABILITY_TABLE")
+    if target and rows:
+        from reliability_table import write_reliability_table
+
+        write_reliability_table(rows, target)

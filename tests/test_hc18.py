@@ -40,6 +40,25 @@ def test_cli_writes_a_valid_manifest_with_relative_paths(tmp_path, capsys):
     assert not pd.read_parquet(output)["image_path"][0].startswith("/")
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: os.remove(path), "missing or unreadable annotation"),
+    (lambda path: cv2.imwrite(path, np.zeros((540, 800), np.uint8)), "annotation mask is empty"),
+])
+def test_broken_annotation_stops_the_import_naming_row_and_file(tmp_path, capsys, reliability_log, damage, message):
+    import shutil
+
+    copy = tmp_path / "hc18"
+    shutil.copytree(SAMPLE_DIR, copy)
+    spacing_table = pd.read_csv(copy / "training_set_pixel_size_and_HC.csv")
+    third = spacing_table.iloc[2, 0]
+    damage(str(copy / "training_set" / third.replace(".png", "_Annotation.png")))
+    assert main(["import-hc18", str(copy), "--output", str(tmp_path / "hc18.csv")]) == 2
+    error = capsys.readouterr().err
+    assert f"row 3 ({third})" in error and message in error
+    assert not (tmp_path / "hc18.csv").exists()
+    reliability_log(area="import-hc18", case=message.replace("missing or unreadable", "missing"), outcome=f"exit 2: {error.strip().split(': ', 2)[-1][:90]}…")
+
+
 SHARED_HC18 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hc18")
 
 

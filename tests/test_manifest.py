@@ -42,24 +42,32 @@ def test_seed_style_columns_are_mapped(folder):
     assert table["ofd2_x"][0] == 140
 
 
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (lambda rows: [{k: v for k, v in r.items() if k != "image_path"} for r in rows], "missing required column 'image_path'"),
-        (lambda rows: [{k: v for k, v in r.items() if k != "bpd2_y"} for r in rows], r"missing landmark column\(s\) \['bpd2_y'\]"),
-        (lambda rows: [rows[0], {**rows[1], "ofd1_x": np.nan}], "row 2, column 'ofd1_x': not a finite number"),
-        (lambda rows: [rows[0], {**rows[1], "pixel_spacing_mm": -0.1}], "row 2, column 'pixel_spacing_mm': must be positive"),
-        (lambda rows: [rows[0], {**rows[1], "pixel_spacing_mm": "abc"}], "row 2, column 'pixel_spacing_mm': not a number"),
-        (lambda rows: [{**rows[0], "bpd1_y": -100.0}, rows[1]], "row 1, column 'bpd1_y': point outside the image"),
-        (lambda rows: [rows[0], {**rows[1], "image_path": "a.png"}], "row 2, column 'image_path': duplicate"),
-        (lambda rows: [rows[0], {**rows[1], "image_path": ""}], "row 2, column 'image_path': empty"),
-    ],
-)
-def test_each_bad_case_names_file_row_and_column(folder, change, message):
+BAD_CASES = {
+    "missing image_path column": (lambda rows: [{k: v for k, v in r.items() if k != "image_path"} for r in rows], "missing required column 'image_path'"),
+    "missing landmark column": (lambda rows: [{k: v for k, v in r.items() if k != "bpd2_y"} for r in rows], r"missing landmark column\(s\) \['bpd2_y'\]"),
+    "NaN landmark": (lambda rows: [rows[0], {**rows[1], "ofd1_x": np.nan}], "row 2, column 'ofd1_x': not a finite number"),
+    "negative pixel spacing": (lambda rows: [rows[0], {**rows[1], "pixel_spacing_mm": -0.1}], "row 2, column 'pixel_spacing_mm': must be positive"),
+    "non-numeric pixel spacing": (lambda rows: [rows[0], {**rows[1], "pixel_spacing_mm": "abc"}], "row 2, column 'pixel_spacing_mm': not a number"),
+    "landmark far outside the image": (lambda rows: [{**rows[0], "bpd1_y": -100.0}, rows[1]], "row 1, column 'bpd1_y': point outside the image"),
+    "duplicate rows (same image twice)": (lambda rows: [rows[0], {**rows[1], "image_path": "a.png"}], "row 2, column 'image_path': duplicate"),
+    "empty image path": (lambda rows: [rows[0], {**rows[1], "image_path": ""}], "row 2, column 'image_path': empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_each_bad_case_names_file_row_and_column(folder, reliability_log, case):
+    change, message = BAD_CASES[case]
     path = write(folder, change(good_rows()))
     with pytest.raises(ManifestError, match=message) as raised:
         load_manifest(path, require_landmarks=True)
     assert str(path) in str(raised.value)
+    reliability_log(area="manifest", case=case, outcome="refused before any work: " + str(raised.value).replace(str(path), "manifest.csv"))
+
+
+def test_nan_spacing_means_unknown(folder, reliability_log):
+    table = load_manifest(write(folder, [good_rows()[0], {**good_rows()[1], "pixel_spacing_mm": np.nan}]), require_landmarks=True)
+    assert table["pixel_spacing_mm"].isna().tolist() == [False, True]
+    reliability_log(area="manifest", case="NaN pixel spacing", outcome="accepted as unknown: that row is measured in pixels, its mm columns are empty")
 
 
 def test_point_beyond_image_edge_found_when_checking_images(folder):
@@ -68,11 +76,12 @@ def test_point_beyond_image_edge_found_when_checking_images(folder):
         load_manifest(path, require_landmarks=True, check_images=True)
 
 
-def test_empty_and_missing_manifest(folder):
+def test_empty_and_missing_manifest(folder, reliability_log):
     path = folder / "empty.csv"
     path.write_text("image_path\n")
-    with pytest.raises(ManifestError, match="no rows"):
+    with pytest.raises(ManifestError, match="no rows") as raised:
         load_manifest(str(path))
+    reliability_log(area="manifest", case="empty manifest (header only)", outcome="refused: " + str(raised.value).replace(str(path), "manifest.csv"))
     with pytest.raises(ManifestError, match="not found"):
         load_manifest(str(folder / "absent.csv"))
 

@@ -31,3 +31,23 @@ def test_seed_matches_report_cost_scale():
         model(torch.rand(1, 1, 256, 256))
     assert flops / 1e9 == pytest.approx(12.7, rel=0.05)
     assert len(model.encoders) == 2 and len(model.decoders) == 2
+
+
+def test_folding_batchnorm_keeps_outputs():
+    import torch
+
+    from fetalpipe.model import MODEL_CONFIGS, HeatmapUNet, fold_batchnorm
+
+    torch.manual_seed(0)
+    model = HeatmapUNet(MODEL_CONFIGS["fast_deep"])
+    model.train()
+    with torch.no_grad():  # give the running statistics non-trivial values
+        for _ in range(3):
+            model(torch.rand(4, 1, 64, 64))
+    model.eval()
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        expected = model(images)
+        folded = fold_batchnorm(model)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        assert torch.allclose(folded(images), expected, atol=1e-5)

@@ -28,20 +28,32 @@ def test_split_is_by_subject_and_deterministic():
     assert set(again_train["image_path"]) == set(train["image_path"])
 
 
-def test_two_workers_train_then_resume_then_serve(ray_local, tiny_config, tmp_path):
+def test_two_workers_train_then_resume_then_serve(ray_local, tiny_config, sample_manifest_copy, reliability_log, tmp_path):
+    # One unreadable image among the 20: skipped with a warning and listed, never fatal.
+    table = pd.read_csv(sample_manifest_copy)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    table = pd.concat([table, table.head(1).assign(image_path=str(broken), subject_id="999")], ignore_index=True)
+    manifest = str(tmp_path / "with_broken.csv")
+    table.to_csv(manifest, index=False)
+
     run_dir = tmp_path / "run"
-    result = run_training(SAMPLE_MANIFEST, str(run_dir), tiny_config, workers=2, threads_per_worker=1)
+    result = run_training(manifest, str(run_dir), tiny_config, workers=2, threads_per_worker=1)
     assert result["best_epoch"] == 1
     for name in ("metrics.csv", "loss_curves.png", "model.pt", "train_config.json"):
         assert (run_dir / name).is_file()
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics["epoch"]) == [1]
     assert {"train_loss", "val_loss", "val_mre_px", "val_mre_mm", "val_hc_mae_mm"} <= set(metrics.columns)
-    assert metrics["train_images"][0] + metrics["val_images"][0] >= 19  # an equal 2-way split may drop one row
+    assert 19 <= metrics["train_images"][0] + metrics["val_images"][0] <= 20  # the broken one out (an equal 2-way split may drop one)
+    skipped = pd.read_csv(run_dir / "skipped_images.csv")
+    assert skipped["image_path"].tolist() == [str(broken)] and "corrupt or truncated" in skipped["error"][0]
+    reliability_log(area="train: input file", case="a corrupt PNG among the training images",
+                    outcome=f"skipped with a warning, listed in skipped_images.csv ({skipped['error'][0]}); training finished on the other 20")
 
     # Rerun with more epochs on the same RUN_DIR: continues from epoch 1's checkpoint.
     longer = type(tiny_config).from_dict({**tiny_config.to_dict(), "epochs": 2})
-    run_training(SAMPLE_MANIFEST, str(run_dir), longer, workers=1, threads_per_worker=1)
+    run_training(manifest, str(run_dir), longer, workers=1, threads_per_worker=1)
     assert [epoch for epoch, _ in list_checkpoints(str(run_dir))] == [1, 2]
     assert list(pd.read_csv(run_dir / "metrics.csv")["epoch"]) == [1, 2]
 
