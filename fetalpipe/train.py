@@ -35,7 +35,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     lr_schedule: str = "constant"  # or "cosine"
-    loss: str = "mse"  # or "weighted_mse" (foreground pixels weigh more) or "bce" (for the ellipse map)
+    loss: str = "mse"  # or "weighted_mse" (foreground pixels weigh more), "bce" or "bce_dice" (for the ellipse map)
     foreground_weight: float = 10.0
     augment: bool = False
     bf16: bool = False
@@ -129,8 +129,14 @@ def heatmap_loss(predicted, target, kind: str, foreground_weight: float):
         return squared.mean()
     if kind == "weighted_mse":
         return (squared * (1.0 + foreground_weight * target)).mean()
-    if kind == "bce":  # for the filled-ellipse map, a segmentation target
-        return torch.nn.functional.binary_cross_entropy(predicted.float().clamp(1e-6, 1 - 1e-6), target)
+    if kind in ("bce", "bce_dice"):  # for the filled-ellipse map, a segmentation target
+        bce = torch.nn.functional.binary_cross_entropy(predicted.float().clamp(1e-6, 1 - 1e-6), target)
+        if kind == "bce":
+            return bce
+        # Soft Dice per image: weighs a whole head equally whatever its size (late-pregnancy heads fill the frame).
+        overlap = (predicted.float() * target).flatten(1).sum(1)
+        dice = (2 * overlap + 1) / (predicted.float().flatten(1).sum(1) + target.flatten(1).sum(1) + 1)
+        return bce + (1 - dice).mean()
     raise ValueError(f"unknown loss {kind!r}")
 
 

@@ -70,3 +70,17 @@ def test_changed_config_on_existing_run_dir_is_refused(ray_local, tiny_config, t
     (run_dir / "train_config.json").write_text('{"lr": 123}')
     with pytest.raises(ValueError, match="different configuration"):
         run_training(SAMPLE_MANIFEST, str(run_dir), tiny_config, workers=1)
+
+
+def test_losses_are_zero_for_a_perfect_map_and_grow_with_error():
+    import torch
+
+    from fetalpipe.train import heatmap_loss
+
+    target = torch.zeros(2, 1, 16, 16)
+    target[:, :, 4:12, 4:12] = 1.0
+    for kind in ("mse", "weighted_mse", "bce", "bce_dice"):
+        perfect = heatmap_loss(target.clone(), target, kind, 10.0).item()
+        half = heatmap_loss(torch.full_like(target, 0.5), target, kind, 10.0).item()
+        wrong = heatmap_loss(1 - target, target, kind, 10.0).item()
+        assert perfect < 1e-3 < half < wrong, kind
