@@ -152,24 +152,22 @@ def draw_overlays_batch(batch: dict[str, np.ndarray], overlay_dir: str) -> dict[
     return batch
 
 
-def _done_rows(output_dir: str, model_sha256: str) -> pd.DataFrame:
-    existing = read_predictions(output_dir)
-    if existing.empty:
-        return existing
-    return existing[existing["model_sha256"] == model_sha256]
-
-
-def read_predictions(output_dir: str) -> pd.DataFrame:
-    """All rows under OUT/predictions/, newest row per image path. A file left half-written by a
-    crash is skipped (its rows are redone on the next run)."""
+def read_predictions(output_dir: str, skip_files: frozenset = frozenset()) -> pd.DataFrame:
+    """All rows under OUT/predictions/ (except `skip_files`), newest row per image path. A file left
+    half-written by a crash is set aside (its rows are redone on the next run)."""
     directory = os.path.join(output_dir, "predictions") if os.path.basename(os.path.normpath(output_dir)) != "predictions" else output_dir
     tables = []
-    for path in sorted(glob.glob(os.path.join(directory, "*.parquet"))):
+    for path in sorted(set(glob.glob(os.path.join(directory, "*.parquet"))) - skip_files):
         try:
             tables.append(pq.read_table(path).to_pandas())
         except Exception:
             # Leading "_": pyarrow/pandas dataset readers skip it, and it stays for inspection.
             os.replace(path, os.path.join(os.path.dirname(path), "_corrupt-" + os.path.basename(path)))
+    return newest_per_image(tables)
+
+
+def newest_per_image(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    tables = [table for table in tables if len(table)]
     if not tables:
         return pd.DataFrame(columns=list(OUTPUT_COLUMNS))
     table = pd.concat(tables, ignore_index=True)
@@ -195,7 +193,9 @@ def run_inference(options: InferOptions) -> dict:
         shutil.rmtree(os.path.join(output_dir, "overlays"), ignore_errors=True)
     os.makedirs(predictions_dir, exist_ok=True)
 
-    done = _done_rows(output_dir, model_sha256)
+    existing = read_predictions(output_dir)  # read once; after the run only the new files are read
+    existing_files = frozenset(glob.glob(os.path.join(predictions_dir, "*.parquet")))
+    done = existing[existing["model_sha256"] == model_sha256] if len(existing) else existing
     done_hash = dict(zip(done["image_path"], done["file_sha256"])) if len(done) else {}
     pending_mask = np.array([path not in done_hash or done_hash[path] != content_hash(path) for path in inputs["image_path"]], dtype=bool)
     pending = inputs[pending_mask].reset_index(drop=True)
@@ -209,7 +209,7 @@ def run_inference(options: InferOptions) -> dict:
         _run_pipeline(pending, options, model_path, config.input_size, predictions_dir, run_id)
         pipeline_seconds = time.perf_counter() - pipeline_started
 
-    final = read_predictions(output_dir)
+    final = newest_per_image([existing, read_predictions(output_dir, skip_files=existing_files)])
     final = final[final["image_path"].isin(set(inputs["image_path"]))]
     final = final[[c for c in OUTPUT_COLUMNS if c in final] + [c for c in final if c not in OUTPUT_COLUMNS]]
     _compact_if_needed(predictions_dir, final)
