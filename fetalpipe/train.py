@@ -199,33 +199,38 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train_seconds = time.perf_counter() - started
 
         bare_model.eval()
+        if world_size > 1:  # every rank scores with rank 0's BatchNorm statistics, the ones the checkpoint keeps
+            import torch.distributed as dist
+
+            for buffer in bare_model.buffers():
+                dist.broadcast(buffer, src=0)
         val_loss_sum, val_seen, error_tables = 0.0, 0, []
-        # Validation is not split (an equal split would drop images): rank 0 scores all of it.
+        # Every rank sees all of validation (an equal split would drop images) and scores every world_size-th batch.
         with torch.no_grad():
-            for batch in (val_shard.iter_batches(batch_size=16, batch_format="numpy") if rank == 0 else []):
+            val_batches = val_shard.iter_batches(batch_size=16, batch_format="numpy")
+            for batch in (batch for index, batch in enumerate(val_batches) if index % world_size == rank):
                 images = torch.from_numpy(np.ascontiguousarray(batch["image"], dtype=np.float32)).contiguous(memory_format=memory_format)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-                    predicted = bare_model(images).float()  # not the DDP wrapper: no collectives on rank 0 alone
+                    predicted = bare_model(images).float()  # not the DDP wrapper: ranks may score different batch counts
                 targets = torch.from_numpy(batch["heatmaps"].astype(np.float32))
                 val_loss_sum += float(heatmap_loss(predicted, targets, config.loss, config.foreground_weight)) * len(images)
                 val_seen += len(images)
                 points_model, _ = codec.decode(predicted.numpy(), np.stack([batch["original_width"], batch["original_height"]], axis=1))
                 points_original = np.stack([t.to_original(p) for t, p in zip(transforms_of(batch, config.input_size), points_model)])
                 error_tables.append(per_image_errors(points_original, batch["points_original"], batch["pixel_spacing_mm"], batch.get("hc_mm")))
+        epoch_seconds = time.perf_counter() - started  # train + validation, what a user waits for
         errors = pd.concat(error_tables) if error_tables else pd.DataFrame()
-        val_sums = [val_loss_sum, val_seen] if rank == 0 else [0.0, 0]
         sums = np.array([
-            loss_sum, seen, *val_sums,
+            loss_sum, seen, val_loss_sum, val_seen,
             errors["mean_radial_error_px"].sum() if len(errors) else 0.0,
             errors["mean_radial_error_mm"].sum(skipna=True) if len(errors) else 0.0,
             errors["hc_ellipse_diff_mm"].abs().sum(skipna=True) if len(errors) else 0.0,
             errors["hc_diff_mm"].abs().sum(skipna=True) if len(errors) else 0.0,
             errors["mean_radial_error_mm"].notna().sum() if len(errors) else 0.0,
             train_seconds,
+            epoch_seconds,
         ], dtype=np.float64)
         if world_size > 1:
-            import torch.distributed as dist
-
             tensor = torch.from_numpy(sums)
             dist.all_reduce(tensor)
             sums = tensor.numpy()
@@ -240,7 +245,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "val_hc_seed_formula_mae_mm": sums[7] / with_mm if sums[8] else float("nan"),
             "train_images": int(sums[1]),
             "val_images": int(sums[3]),
-            "epoch_seconds": sums[9] / world_size,
+            "train_seconds": sums[9] / world_size,
+            "epoch_seconds": sums[10] / world_size,
             "train_img_per_s": sums[1] / max(sums[9] / world_size, 1e-9),
             "lr": optimizer.param_groups[0]["lr"],
         }
@@ -325,6 +331,7 @@ def run_training(
     from fetalpipe.cluster import connect
     from fetalpipe.manifest import load_manifest
 
+    started = time.perf_counter()
     table = load_manifest(manifest_path, require_landmarks=True)
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
@@ -361,7 +368,13 @@ def run_training(
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     trainer.fit()
-    return write_run_outputs(run_dir, manifest_path)
+    result = write_run_outputs(run_dir, manifest_path)
+    wall_seconds = time.perf_counter() - started
+    with open(os.path.join(run_dir, "run.json"), "w") as handle:  # the wall clock of this invocation, start-up included
+        json.dump({"wall_seconds": round(wall_seconds, 1), "workers": workers, "threads_per_worker": threads_per_worker,
+                   "resumed_after_epoch": done[-1][0] if done else 0}, handle, indent=2)
+    print(f"fetalpipe train: finished in {wall_seconds / 60:.1f} min wall clock", flush=True)
+    return result
 
 
 def _write_or_check_config(run_dir: str, config: TrainConfig) -> None:

@@ -46,6 +46,8 @@ def test_two_workers_train_then_resume_then_serve(ray_local, tiny_config, sample
     assert list(metrics["epoch"]) == [1]
     assert {"train_loss", "val_loss", "val_mre_px", "val_mre_mm", "val_hc_mae_mm"} <= set(metrics.columns)
     assert 19 <= metrics["train_images"][0] + metrics["val_images"][0] <= 20  # the broken one out (an equal 2-way split may drop one)
+    _, val_rows = split_by_subject(table, tiny_config.val_fraction)
+    assert metrics["val_images"][0] == len(val_rows) - int(str(broken) in set(val_rows["image_path"]))  # both ranks score, none twice
     skipped = pd.read_csv(run_dir / "skipped_images.csv")
     assert skipped["image_path"].tolist() == [str(broken)] and "corrupt or truncated" in skipped["error"][0]
     reliability_log(area="train: input file", case="a corrupt PNG among the training images",
