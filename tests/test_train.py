@@ -30,7 +30,7 @@ def test_split_is_by_subject_and_deterministic():
 
 def test_two_workers_train_then_resume_then_serve(ray_local, tiny_config, sample_manifest_copy, reliability_log, tmp_path):
     # One unreadable image among the 20: skipped with a warning and listed, never fatal.
-    table = pd.read_csv(sample_manifest_copy)
+    table = pd.read_csv(sample_manifest_copy, dtype={"subject_id": str})
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     table = pd.concat([table, table.head(1).assign(image_path=str(broken), subject_id="999")], ignore_index=True)
