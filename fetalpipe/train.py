@@ -68,7 +68,7 @@ class TrainConfig:
 TRAIN_CONFIGS = {
     # The seed report's configuration, faithfully: 256² stretch, σ=5, MSE on sigmoid maps, Adam 1e-3, batch 8, 30 epochs, argmax.
     "seed": TrainConfig(),
-    # The shipped configuration: half-resolution U-Net trunk (4x cheaper), order-free pair targets,
+    # Half-resolution U-Net trunk (4x cheaper), order-free pair targets,
     # augmentation, foreground-weighted loss, cosine schedule, sub-pixel decoding.
     "fast": TrainConfig(
         model=MODEL_CONFIGS["fast"], layout="pairs", refine=True, epochs=40, batch_size=8, lr=2e-3,
@@ -80,10 +80,11 @@ TRAIN_CONFIGS = {
         model=MODEL_CONFIGS["fast"], layout="ellipse", refine=True, epochs=30, batch_size=8, lr=2e-3,
         lr_schedule="cosine", loss="bce", augment=True,
     ),
-    # `ellipse` on the deeper trunk: whole-image context for the large heads `ellipse` under-segments.
+    # The shipped configuration: `ellipse` on the deeper trunk, whole-image context for the large heads
+    # `ellipse` under-segments. channels_last only changes speed (about 10 % faster steps here).
     "ellipse_deep": TrainConfig(
         model=MODEL_CONFIGS["fast_deep"], layout="ellipse", refine=True, epochs=30, batch_size=8, lr=2e-3,
-        lr_schedule="cosine", loss="bce", augment=True,
+        lr_schedule="cosine", loss="bce", augment=True, channels_last=True,
     ),
 }
 
