@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--seed-images", type=int, default=96, help="the seed loop is slow: timed on this many images")
     parser.add_argument("--model", default=DEFAULT_MODEL_PATH)
     parser.add_argument("--variants", nargs="+", default=["actors:2x1"], help="DECODE_IN:ACTORSxTHREADS; the first is the headline")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     runs = []

@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 20000])
     parser.add_argument("--model", default=DEFAULT_MODEL_PATH)
     parser.add_argument("--actors", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "runs": []}
     for size in args.sizes:

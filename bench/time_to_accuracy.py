@@ -3,7 +3,9 @@
     python bench/time_to_accuracy.py runs/deep_full --targets 5 3 2.5
 
 Cumulative training time is the sum of per-epoch wall seconds measured in the training loop (data
-loading, forward, backward, all-reduce and validation; not Ray start-up or dataset preparation).
+loading, forward, backward, all-reduce and validation; not Ray start-up or dataset preparation, which
+RUN_DIR/run.json's wall_seconds includes). In runs older than the `train_seconds` column, epoch_seconds
+did not include validation.
 Prints a table and writes bench/results/time_to_accuracy_<run>.json."""
 
 from __future__ import annotations

@@ -49,18 +49,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--configs", default="seed,fast")
+    parser.add_argument("--no-bf16", action="store_true", help="skip bf16 (25x slower than fp32 on CPUs without native bf16)")
     args = parser.parse_args()
     rows = []
+    variants = ((False, False), (False, True)) if args.no_bf16 else ((False, False), (False, True), (True, False))
     for config_name in args.configs.split(","):
         for threads in (1, 2):
-            for bf16, channels_last in ((False, False), (False, True), (True, False)):
+            for bf16, channels_last in variants:
                 rates = [images_per_second(config_name, threads, bf16, channels_last, args.batch_size, args.steps) for _ in range(args.repeats)]
                 rows.append({"config": config_name, "threads": threads, "bf16": bf16, "channels_last": channels_last, "img_per_s_median": round(statistics.median(rates), 2)})
                 print(f"{config_name:6s} threads={threads} bf16={bf16!s:5s} channels_last={channels_last!s:5s} {rows[-1]['img_per_s_median']:7.2f} img/s", flush=True)
     machine = {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "train_step.json"), "w") as handle:
-        json.dump({"machine": machine, "batch_size": args.batch_size, "rows": rows}, handle, indent=2)
+    path = os.path.join(os.path.dirname(__file__), "results", "train_step.json")
+    # Rows of configs not rerun now are kept, so the file can grow one config at a time.
+    kept = []
+    if os.path.exists(path):
+        with open(path) as handle:
+            kept = [row for row in json.load(handle)["rows"] if row["config"] not in args.configs.split(",")]
+    with open(path, "w") as handle:
+        json.dump({"machine": machine, "batch_size": args.batch_size, "rows": kept + rows}, handle, indent=2)
 
 
 if __name__ == "__main__":

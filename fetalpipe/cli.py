@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--input", help="a folder or a glob of image files")
     command.add_argument("--output", required=True)
     command.add_argument("--model", help="model.pt (default: the model shipped in the package)")
-    command.add_argument("--batch-size", type=int, default=16)
+    command.add_argument("--batch-size", type=int, default=64, help="images per model call and rows per Parquet file")
     command.add_argument("--actors", type=int, default=2)
     command.add_argument("--threads-per-actor", type=int, default=1)
     command.add_argument("--overlays", action="store_true")

@@ -35,6 +35,7 @@ OUTPUT_COLUMNS = (
 # Share of a CPU each stage asks Ray for: the model takes most of the time, decoding the rest.
 DECODE_CPUS = 0.25
 MODEL_CPU_SHARE = 0.75
+WRITE_CPUS = 0.05
 
 
 @dataclass
@@ -43,7 +44,7 @@ class InferOptions:
     manifest: str | None = None
     input_glob: str | None = None
     model_path: str | None = None
-    batch_size: int = 16
+    batch_size: int = 64  # per model call and per Parquet file (bigger: less per-task overhead; smaller: less redone after a crash)
     actors: int = 2
     threads_per_actor: int = 1
     overlays: bool = False
@@ -262,7 +263,8 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
         overlay_dir = os.path.join(os.path.dirname(predictions_dir), "overlays")
         os.makedirs(overlay_dir, exist_ok=True)
         dataset = dataset.map_batches(functools.partial(draw_overlays_batch, overlay_dir=overlay_dir), batch_format="numpy", num_cpus=DECODE_CPUS)
-    dataset.write_parquet(predictions_dir, min_rows_per_file=options.batch_size)
+    # Writing a small Parquet file is light: with the default 1 CPU a write waits for an actor to finish.
+    dataset.write_parquet(predictions_dir, min_rows_per_file=options.batch_size, ray_remote_args={"num_cpus": WRITE_CPUS})
 
 
 def _compact_if_needed(predictions_dir: str, final: pd.DataFrame) -> None:

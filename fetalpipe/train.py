@@ -295,16 +295,19 @@ def build_datasets(table: pd.DataFrame, config: TrainConfig, blocks: int = 8):
         dataset = ray.data.from_pandas([part.iloc[start:start + rows_per_block] for start in range(0, len(part), rows_per_block)])
         decoded = dataset.map_batches(functools.partial(decode_batch, input_size=config.input_size), batch_format="numpy", batch_size=16).materialize()
         # Policy: an image that cannot be decoded is skipped, never fatal, and never silent (skipped_images.csv).
-        skipped.append(decoded.map_batches(_rows_with_status, fn_kwargs={"ok": False}, batch_format="numpy").select_columns(["image_path", "error"]).to_pandas())
+        failed = decoded.select_columns(["image_path", "status", "error"]).map_batches(_rows_with_status, fn_kwargs={"ok": False}, batch_format="numpy")
+        skipped.append(failed.select_columns(["image_path", "error"]).to_pandas())
         dataset = decoded.map_batches(_rows_with_status, fn_kwargs={"ok": True}, batch_format="numpy")
         dataset = dataset.map_batches(functools.partial(scale_landmarks_batch, input_size=config.input_size), batch_format="numpy", batch_size=64)
         dataset = dataset.materialize()
-        return dataset.map_batches(
+        encoded = dataset.map_batches(
             functools.partial(encode_batch, codec=codec, augment=augment),
             batch_format="numpy", batch_size=config.batch_size,
             # Training workers hold the CPUs; this light step runs beside them (0 CPU, at most 2 tasks).
             num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2),
         )
+        # Without augmentation the targets never change: encode them once, not on every epoch and rank.
+        return encoded if augment is not None else encoded.materialize()
 
     train_table, val_table = split_by_subject(table, config.val_fraction)
     if len(train_table) == 0 or len(val_table) == 0:
