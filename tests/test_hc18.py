@@ -56,7 +56,8 @@ def test_broken_annotation_stops_the_import_naming_row_and_file(tmp_path, capsys
     error = capsys.readouterr().err
     assert f"row 3 ({third})" in error and message in error
     assert not (tmp_path / "hc18.csv").exists()
-    reliability_log(area="import-hc18", case=message.replace("missing or unreadable", "missing"), outcome=f"exit 2: {error.strip().split(': ', 2)[-1][:90]}…")
+    reliability_log(area="import-hc18", case=message.replace("missing or unreadable", "missing"),
+                    outcome=f"exit 2, nothing written: 'training_set_pixel_size_and_HC.csv row 3 ({third}): {message} …' (names the file)")
 
 
 SHARED_HC18 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hc18")

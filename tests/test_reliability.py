@@ -52,7 +52,7 @@ def build_corpus(folder) -> tuple[pd.DataFrame, dict]:
         "jpeg_bytes.png": (cv2.imencode(".jpg", gray, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes(), "JPEG bytes named .png", "ok"),
         "huge.png": (cv2.imencode(".png", huge)[1].tobytes(), f"huge image ({huge.shape[1]}x{huge.shape[0]})", "ok"),
         "no_spacing.dcm": (make_dicom(gray.astype(np.uint16)), "DICOM without pixel spacing", "ok"),
-        "multiframe.dcm": (make_dicom(np.stack([gray, gray[::-1]]).astype(np.uint16), spacing=0.2, frames=2), "multi-frame DICOM", "ok"),
+        "multiframe.dcm": (make_dicom(np.stack([gray, gray[::-1]]).astype(np.uint16), spacing=spacing_mm, frames=2), "multi-frame DICOM (spacing in the file)", "ok"),
         "empty.png": (b"", "zero-byte file", "empty file"),
         "text.png": (b"patient list\nnot an image\n", "text file named .png", "looks like text"),
         "truncated.png": (png[: len(png) // 3], "truncated PNG", "corrupt or truncated"),
@@ -68,6 +68,7 @@ def build_corpus(folder) -> tuple[pd.DataFrame, dict]:
     cases["missing.png"] = ("a path that does not exist", "file not found")
     for name in cases:
         spacing = np.nan if name.endswith(".dcm") else spacing_mm  # DICOM: spacing comes from the file, or is unknown
+        spacing = spacing * width / huge.shape[1] if name == "huge.png" else spacing  # the same head, in smaller pixels
         rows.append({"image_path": name, "pixel_spacing_mm": spacing})
     manifest = folder / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
@@ -103,7 +104,8 @@ def test_bad_input_corpus_through_infer(ray_local, reliability_log, tmp_path):
     huge_scale = 6000 / sample_image()[0].shape[1]
     assert abs(by_name.loc["huge.png", "hc_ellipse_px"] / (huge_scale * reference["hc_ellipse_px"]) - 1) < 0.02  # original-pixel space
     assert np.isnan(by_name.loc["no_spacing.dcm", "hc_mm"])
-    assert by_name.loc["multiframe.dcm", "hc_mm"] == pytest.approx(by_name.loc["multiframe.dcm", "hc_px"] * 0.2)
+    assert by_name.loc["multiframe.dcm", "hc_mm"] == pytest.approx(by_name.loc["multiframe.dcm", "hc_px"] * reference["pixel_spacing_mm"])
+    assert by_name.loc["huge.png", "hc_ellipse_mm"] == pytest.approx(reference["hc_ellipse_mm"], rel=0.02)  # mm only from original pixels
 
 
 @pytest.fixture(scope="module")
@@ -141,16 +143,22 @@ def test_two_independent_runs_agree_row_for_row(reference_run, tiny_model_path, 
                     outcome="identical predictions row for row (40 of 40)", crashes=0, lost_rows=0, duplicated_rows=0)
 
 
+def parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[1])
+
+
 def processes_named(fragment: str) -> list[int]:
-    """PIDs whose command line (Ray sets it to the actor's class) contains `fragment`."""
+    """PIDs of this session's Ray workers (children of the raylet this test process started) whose
+    command line (Ray sets it to the actor's class) contains `fragment`. Other Ray instances on the machine are left alone."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                    if fragment.encode() in handle.read():
+                    if fragment.encode() in handle.read() and parent_pid(parent_pid(int(entry))) == os.getpid():
                         found.append(int(entry))
-            except OSError:
+            except (OSError, ValueError, IndexError):
                 continue
     return found
 
