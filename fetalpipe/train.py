@@ -81,7 +81,7 @@ TRAIN_CONFIGS = {
         lr_schedule="cosine", loss="bce", augment=True,
     ),
     # The shipped configuration: `ellipse` on the deeper trunk, whole-image context for the large heads
-    # `ellipse` under-segments. channels_last only changes speed (about 10 % faster steps here).
+    # `ellipse` under-segments. channels_last only changes speed (8 % faster per step in one process, BENCHMARKS.md).
     "ellipse_deep": TrainConfig(
         model=MODEL_CONFIGS["fast_deep"], layout="ellipse", refine=True, epochs=30, batch_size=8, lr=2e-3,
         lr_schedule="cosine", loss="bce", augment=True, channels_last=True,
