@@ -20,32 +20,27 @@ import tempfile
 import threading
 import time
 
-import cv2
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fetalpipe.model_io import DEFAULT_MODEL_PATH  # noqa: E402
 
+import infer_bench  # noqa: E402  (this folder; shares the archive builder)
+
 
 def build_archive(hc18_dir: str, size: int, folder: str) -> str:
-    spacing = pd.read_csv(os.path.join(hc18_dir, "test_set_pixel_size.csv"))
+    """`size` names hard-linked to infer_bench's test-set images and their mirror images."""
     originals = os.path.join(folder, "originals")
     os.makedirs(originals, exist_ok=True)
-    sources = []
-    for filename, pixel_spacing_mm in spacing.itertuples(index=False):
-        image = cv2.imread(os.path.join(hc18_dir, "test_set", filename), cv2.IMREAD_GRAYSCALE)
-        for flip, variant in (("n", image), ("h", cv2.flip(image, 1))):
-            path = os.path.join(originals, f"{flip}_{filename}")
-            cv2.imwrite(path, variant)
-            sources.append((path, pixel_spacing_mm))
+    sources = pd.read_csv(infer_bench.build_archive(hc18_dir, 2, originals))
     archive = os.path.join(folder, "archive")
     os.makedirs(archive, exist_ok=True)
     rows = []
     for index in range(size):
-        source, pixel_spacing_mm = sources[index % len(sources)]
+        source = sources.iloc[index % len(sources)]
         path = os.path.join(archive, f"{index:06d}.png")
-        os.link(source, path)
-        rows.append({"image_path": path, "pixel_spacing_mm": pixel_spacing_mm})
+        os.link(source["image_path"], path)
+        rows.append({"image_path": path, "pixel_spacing_mm": source["pixel_spacing_mm"]})
     manifest = os.path.join(folder, "manifest.csv")
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest
