@@ -1,5 +1,6 @@
-"""Batch inference: Ray Data streams the manifest, decodes in CPU tasks, runs the model in an actor
-pool, and writes landmarks + biometry to Parquet (streamed, a file per batch) and one CSV at the end.
+"""Batch inference: Ray Data streams the manifest, decodes, runs the model in an actor pool, and the
+actors write landmarks + biometry to Parquet (a file per batch, as each batch is done) and the driver
+one CSV at the end.
 
 Contract: every input row appears exactly once in OUT/predictions/ and OUT/predictions.csv, as
 ``status="ok"`` or ``status="error"`` with the reason. A rerun on the same OUT processes only rows
@@ -7,6 +8,7 @@ whose (image path, file content hash, model hash) are not done yet; ``overwrite`
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import functools
 import glob
@@ -16,6 +18,7 @@ import platform
 import shutil
 import time
 import uuid
+import zipfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -35,7 +38,6 @@ OUTPUT_COLUMNS = (
 # Share of a CPU each stage asks Ray for: the model takes most of the time, decoding the rest.
 DECODE_CPUS = 0.25
 MODEL_CPU_SHARE = 0.75
-WRITE_CPUS = 0.05
 
 
 @dataclass
@@ -84,9 +86,13 @@ def content_hash(path: str) -> str:
 
 
 class LandmarkPredictor:
-    """Actor: loads the model once, then turns decoded batches into landmark + biometry rows."""
+    """Actor: loads the model once, then turns decoded batches into landmark + biometry rows.
 
-    def __init__(self, model_path: str, threads: int, flip_average: bool = False):
+    With `predictions_dir` it also writes each batch's rows to one Parquet file there and returns only
+    the row count: a separate Ray Data write stage cost more CPU (task start-up, ~1 s a file) than the
+    write itself (milliseconds), on machines where every core is already running a model."""
+
+    def __init__(self, model_path: str, threads: int, flip_average: bool = False, predictions_dir: str | None = None, overlay_dir: str | None = None):
         import torch
 
         from fetalpipe.model import prepare_for_inference
@@ -98,6 +104,8 @@ class LandmarkPredictor:
         self.codec = self.config.codec()
         self.model_sha256 = file_sha256(model_path)
         self.flip_average = flip_average
+        self.predictions_dir = predictions_dir
+        self.overlay_dir = overlay_dir
 
     def predict_heatmaps(self, images: np.ndarray) -> np.ndarray:
         import torch
@@ -137,7 +145,27 @@ class LandmarkPredictor:
         output["confidence"] = confidence
         output["model_sha256"] = np.full(count, self.model_sha256, dtype=object)
         output["fetalpipe_version"] = np.full(count, __version__, dtype=object)
-        return output
+        if self.overlay_dir:
+            output = draw_overlays_batch(output, self.overlay_dir)
+        if self.predictions_dir is None:
+            return output
+        write_batch(output, self.predictions_dir)
+        return {"rows_written": np.array([count])}
+
+
+def write_batch(rows: dict[str, np.ndarray], predictions_dir: str) -> str:
+    """One Parquet file per batch, named by the run and the batch's first row: a retried batch (actor
+    restarted) overwrites its own file. Written under a temporary name and renamed, so a crash
+    never leaves a half file under a name the readers pick up."""
+    import pyarrow as pa
+
+    table = pa.table({key: list(value) if value.dtype == object else value for key, value in rows.items() if key != "row_index"})
+    name = f"{rows['run_id'][0]}-{int(np.min(rows['row_index'])):09d}.parquet"
+    path = os.path.join(predictions_dir, name)
+    partial = os.path.join(predictions_dir, f"_partial-{uuid.uuid4().hex}-{name}.tmp")
+    pq.write_table(table, partial)
+    os.replace(partial, path)
+    return path
 
 
 def draw_overlays_batch(batch: dict[str, np.ndarray], overlay_dir: str) -> dict[str, np.ndarray]:
@@ -178,13 +206,21 @@ def newest_per_image(tables: list[pd.DataFrame]) -> pd.DataFrame:
 
 def run_inference(options: InferOptions) -> dict:
     from fetalpipe.cluster import connect
-    from fetalpipe.model_io import DEFAULT_MODEL_PATH, file_sha256, load_model
+    from fetalpipe.model_io import DEFAULT_MODEL_PATH, ModelFileError, file_sha256, load_model
 
     started = time.perf_counter()
     if options.decode_in not in ("actors", "tasks"):
         raise ValueError(f"decode_in must be 'actors' or 'tasks', got {options.decode_in!r}")
     model_path = os.path.abspath(options.model_path or DEFAULT_MODEL_PATH)
-    _, config, _ = load_model(model_path)  # fail fast, in the driver, with a clear message
+    if not os.path.isfile(model_path):
+        raise ModelFileError(f"model file not found: {model_path}")
+    if not zipfile.is_zipfile(model_path):  # what torch.save writes; a quick check before anything starts
+        raise ModelFileError(f"cannot read model file {model_path}: not a torch checkpoint")
+    # The driver loads the model once to fail early with a clear message; that (mostly importing torch,
+    # ~2 s) runs in a thread while the inputs are listed and Ray starts.
+    checker = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    model_check = checker.submit(load_model, model_path)
+    checker.shutdown(wait=False)
     model_sha256 = file_sha256(model_path)
     inputs = collect_inputs(options.manifest, options.input_glob)
     output_dir = os.path.abspath(options.output_dir)
@@ -193,6 +229,8 @@ def run_inference(options: InferOptions) -> dict:
         shutil.rmtree(predictions_dir, ignore_errors=True)
         shutil.rmtree(os.path.join(output_dir, "overlays"), ignore_errors=True)
     os.makedirs(predictions_dir, exist_ok=True)
+    for partial in glob.glob(os.path.join(predictions_dir, "_partial-*")):  # left by a crash mid-write
+        os.remove(partial)
 
     existing = read_predictions(output_dir)  # read once; after the run only the new files are read
     existing_files = frozenset(glob.glob(os.path.join(predictions_dir, "*.parquet")))
@@ -206,6 +244,8 @@ def run_inference(options: InferOptions) -> dict:
     pipeline_seconds = 0.0
     if len(pending):
         connect(options.ray_address)
+    _, config, _ = model_check.result()
+    if len(pending):
         pipeline_started = time.perf_counter()
         _run_pipeline(pending, options, model_path, config.input_size, predictions_dir, run_id)
         pipeline_seconds = time.perf_counter() - pipeline_started
@@ -246,25 +286,32 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
     table[carried] = table[carried].astype(str)
     table["run_id"] = run_id
     table["run_sequence"] = int(time.time() * 1000)
-    # One block per batch, made in the driver: no shuffle/repartition task competing with the actors for CPUs.
-    dataset = ray.data.from_pandas([table.iloc[start:start + options.batch_size] for start in range(0, len(table), options.batch_size)])
+    table["row_index"] = np.arange(len(table))  # names each batch's file
+    # One block per batch (each stage maps a whole block), built in the driver: from_items needs no
+    # remote tasks (from_pandas runs one per block before the actors can start).
+    block_count = -(-len(table) // options.batch_size)
+    dataset = ray.data.from_items(table.to_dict("records"), override_num_blocks=block_count)
     if options.decode_in == "tasks":
         dataset = dataset.map_batches(
-            functools.partial(decode_batch, input_size=input_size), batch_format="numpy", batch_size=options.batch_size, num_cpus=DECODE_CPUS,
+            functools.partial(decode_batch, input_size=input_size), batch_format="numpy", batch_size=None, num_cpus=DECODE_CPUS,
         )
-    dataset = dataset.map_batches(
-        LandmarkPredictor,
-        fn_constructor_kwargs={"model_path": model_path, "threads": options.threads_per_actor, "flip_average": options.flip_average},
-        compute=ray.data.ActorPoolStrategy(size=options.actors),
-        num_cpus=MODEL_CPU_SHARE * options.threads_per_actor,
-        batch_size=options.batch_size, batch_format="numpy",
-    )
+    overlay_dir = None
     if options.overlays:
         overlay_dir = os.path.join(os.path.dirname(predictions_dir), "overlays")
         os.makedirs(overlay_dir, exist_ok=True)
-        dataset = dataset.map_batches(functools.partial(draw_overlays_batch, overlay_dir=overlay_dir), batch_format="numpy", num_cpus=DECODE_CPUS)
-    # Writing a small Parquet file is light: with the default 1 CPU a write waits for an actor to finish.
-    dataset.write_parquet(predictions_dir, min_rows_per_file=options.batch_size, ray_remote_args={"num_cpus": WRITE_CPUS})
+    dataset = dataset.map_batches(
+        LandmarkPredictor,
+        fn_constructor_kwargs={
+            "model_path": model_path, "threads": options.threads_per_actor, "flip_average": options.flip_average,
+            "predictions_dir": predictions_dir, "overlay_dir": overlay_dir,
+        },
+        compute=ray.data.ActorPoolStrategy(size=options.actors),
+        num_cpus=MODEL_CPU_SHARE * options.threads_per_actor,
+        batch_size=None, batch_format="numpy",
+    )
+    written = sum(int(batch["rows_written"].sum()) for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    if written != len(table):
+        raise RuntimeError(f"inference wrote {written} rows for {len(table)} inputs")
 
 
 def _compact_if_needed(predictions_dir: str, final: pd.DataFrame) -> None:

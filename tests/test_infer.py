@@ -135,3 +135,24 @@ def test_cli_exit_codes_for_jobs_that_cannot_run(tmp_path, tiny_model_path, caps
     not_a_model.write_bytes(b"garbage")
     assert main(["infer", "--manifest", str(bad_manifest), "--output", str(tmp_path / "o"), "--model", str(not_a_model)]) == 2
     assert "cannot read model file" in capsys.readouterr().err
+
+
+def test_write_batch_names_files_by_batch_and_leaves_no_partial_file(tmp_path):
+    """A retried batch (its actor restarted) must replace its own file, not add a second copy."""
+    from fetalpipe.infer import write_batch
+
+    rows = {
+        "image_path": np.array(["a.png", "b.png"], dtype=object), "status": np.array(["ok", "error"], dtype=object),
+        "error": np.array([None, "cannot decode"], dtype=object), "hc_mm": np.array([180.5, np.nan]),
+        "run_id": np.array(["run1", "run1"], dtype=object), "row_index": np.array([64, 65]),
+    }
+    predictions_dir = tmp_path / "predictions"
+    predictions_dir.mkdir()
+    first = write_batch(rows, str(predictions_dir))
+    rows["hc_mm"] = np.array([181.0, np.nan])
+    second = write_batch(rows, str(predictions_dir))
+    assert first == second and os.path.basename(first) == "run1-000000064.parquet"
+    assert sorted(os.listdir(predictions_dir)) == ["run1-000000064.parquet"]
+    table = read_predictions(str(tmp_path))
+    assert table["hc_mm"].tolist()[0] == 181.0 and "row_index" not in table
+    assert table["error"].tolist()[1] == "cannot decode"
