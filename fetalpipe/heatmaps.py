@@ -7,6 +7,8 @@ Two target layouts:
   * ``ellipse`` (order-free, geometric): 1 map, the filled head ellipse through the four endpoints.
     Decode thresholds it at 0.5, fits an ellipse to the outline in original-pixel geometry and returns
     its axis endpoints, so OFD ⟂ BPD and both cross at the centre by construction.
+  * ``coordinates`` (no heatmap; the seed report's §d baseline): 8 numbers, the ordered endpoints in
+    model pixels divided by the input size, for a network that regresses coordinates directly.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from fetalpipe.biometry import canonical_order
 
-LAYOUTS = ("ordered", "pairs", "ellipse")
+LAYOUTS = ("ordered", "pairs", "ellipse", "coordinates")
 ELLIPSE_OUTLINE_SAMPLES = 256
 HULL_SOLIDITY_THRESHOLD = 0.98  # blob area / hull area below this: fit the hull instead
 
@@ -36,7 +38,15 @@ class HeatmapCodec:
 
     @property
     def num_maps(self) -> int:
-        return {"ordered": 4, "pairs": 2, "ellipse": 1}[self.layout]
+        """Model outputs: heatmaps, or numbers for ``coordinates``."""
+        return {"ordered": 4, "pairs": 2, "ellipse": 1, "coordinates": 8}[self.layout]
+
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """Shape of one image's target (and of the model output per image)."""
+        if self.layout == "coordinates":
+            return (self.num_maps,)
+        return (self.num_maps, self.heatmap_size, self.heatmap_size)
 
     @property
     def stride(self) -> float:
@@ -58,6 +68,9 @@ class HeatmapCodec:
         single = points.ndim == 2
         if single:
             points = points[None]
+        if self.layout == "coordinates":
+            targets = ((points + 0.5) / self.input_size).reshape(len(points), 8).astype(np.float32)
+            return targets[0] if single else targets
         centres = self._to_heatmap(points)  # [B, 4, 2]
         if self.layout == "ellipse":
             maps = np.stack([_filled_ellipse(c, self.heatmap_size) for c in centres])[:, None]
@@ -73,11 +86,14 @@ class HeatmapCodec:
         return maps[0] if single else maps
 
     def decode(self, heatmaps: np.ndarray, original_sizes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """[B, num_maps, S, S] -> (points [B, 4, 2] in model pixels, confidence [B, 4]).
+        """[B, num_maps, S, S] (or [B, 8] for ``coordinates``) -> (points [B, 4, 2] in model pixels, confidence [B, 4]).
 
         `original_sizes` [B, 2] (width, height) lets the ``ellipse`` layout fit in original-pixel
         geometry (the model input is a non-uniform stretch, which does not keep axes as axes)."""
         maps = np.asarray(heatmaps, dtype=np.float32)
+        if self.layout == "coordinates":  # no heatmap, so no peak value: confidence is unknown
+            points = maps.reshape(len(maps), 4, 2).astype(np.float64) * self.input_size - 0.5
+            return canonical_order(points), np.full((len(maps), 4), np.nan)
         if self.layout == "ellipse":
             return self._decode_ellipse(maps, original_sizes)
         if self.layout == "ordered":

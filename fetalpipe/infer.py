@@ -38,6 +38,9 @@ OUTPUT_COLUMNS = (
 # Share of a CPU each stage asks Ray for: the model takes most of the time, decoding the rest.
 DECODE_CPUS = 0.25
 MODEL_CPU_SHARE = 0.75
+# Images per forward pass inside a batch: at 8 the activations stay in cache (10-15 % faster per image than 64
+# at 1 thread here); the Ray batch stays large, which keeps per-task and per-file overhead low.
+FORWARD_BATCH = 8
 
 
 @dataclass
@@ -112,12 +115,15 @@ class LandmarkPredictor:
 
         from fetalpipe.model import to_model_input
 
+        outputs = []
         with torch.inference_mode():
-            tensor = to_model_input(images)
-            heatmaps = self.model(tensor)
-            if self.flip_average:
-                heatmaps = (heatmaps + torch.flip(self.model(torch.flip(tensor, dims=[3])), dims=[3])) / 2
-            return heatmaps.float().numpy()
+            for start in range(0, len(images), FORWARD_BATCH):
+                tensor = to_model_input(images[start:start + FORWARD_BATCH])
+                heatmaps = self.model(tensor)
+                if self.flip_average:
+                    heatmaps = (heatmaps + torch.flip(self.model(torch.flip(tensor, dims=[3])), dims=[3])) / 2
+                outputs.append(heatmaps.float().numpy())
+        return np.concatenate(outputs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" not in batch:  # decode_in="actors": not decoded upstream
@@ -245,6 +251,8 @@ def run_inference(options: InferOptions) -> dict:
     if len(pending):
         connect(options.ray_address)
     _, config, _ = model_check.result()
+    if options.flip_average and config.layout == "coordinates":
+        raise ValueError("--flip-average needs a heatmap model; this one regresses coordinates")
     if len(pending):
         pipeline_started = time.perf_counter()
         _run_pipeline(pending, options, model_path, config.input_size, predictions_dir, run_id)

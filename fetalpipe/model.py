@@ -1,5 +1,7 @@
 """The heatmap U-Net. `seed` is the report's lightweight U-Net; other named configs trade width,
-depth and input stride for CPU cost, and one adds attention gates on the skips (Attention U-Net)."""
+depth and input stride for CPU cost, and one adds attention gates on the skips (Attention U-Net).
+With ``head="coordinates"`` only the encoder is kept and regresses the 8 endpoint coordinates (the
+seed report's §d baseline)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ class ModelConfig:
     attention: bool = False  # attention gates on the skip connections
     out_maps: int = 4  # heatmaps produced (4 ordered landmarks or 2 order-free pairs)
     max_width: int = 0  # caps the channel doubling (0 = no cap): deep, cheap levels for global context
+    head: str = "heatmap"  # or "coordinates": encoder, global average pool, linear -> out_maps numbers in [0, 1]
 
     def widths(self) -> list[int]:
         widths = [self.base_width * 2**level for level in range(self.depth + 1)]
@@ -63,7 +66,8 @@ class AttentionGate(nn.Module):
 
 
 class HeatmapUNet(nn.Module):
-    """[B, 1, S, S] image in [0, 1] -> [B, out_maps, S/stem_stride, S/stem_stride] heatmaps in [0, 1]."""
+    """[B, 1, S, S] image in [0, 1] -> [B, out_maps, S/stem_stride, S/stem_stride] heatmaps in [0, 1]
+    (or [B, out_maps] coordinates in [0, 1] with the ``coordinates`` head)."""
 
     def __init__(self, config: ModelConfig = ModelConfig()):
         super().__init__()
@@ -80,6 +84,11 @@ class HeatmapUNet(nn.Module):
         )
         self.pool = nn.MaxPool2d(2)
         self.bottleneck = conv_block(widths[config.depth - 1], widths[config.depth])
+        if config.head not in ("heatmap", "coordinates"):
+            raise ValueError(f"model head must be 'heatmap' or 'coordinates', got {config.head!r}")
+        if config.head == "coordinates":  # no decoder: its parameters would sit unused (and DDP refuses those)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[config.depth], config.out_maps))
+            return
         self.upsamplers = nn.ModuleList(
             nn.ConvTranspose2d(widths[level + 1], widths[level], 2, stride=2) for level in reversed(range(config.depth))
         )
@@ -98,6 +107,8 @@ class HeatmapUNet(nn.Module):
             skips.append(features)
             features = self.pool(features)
         features = self.bottleneck(features)
+        if self.config.head == "coordinates":
+            return torch.sigmoid(self.head(features).float())
         for upsample, gate, decoder, skip in zip(self.upsamplers, self.gates, self.decoders, reversed(skips)):
             features = upsample(features)
             skip = gate(skip, features) if self.config.attention else skip

@@ -81,7 +81,7 @@ def encode_batch(batch: dict[str, np.ndarray], codec: HeatmapCodec, augment: Aug
             images[index] = random_intensity(images[index], augment, rng)
     output = {
         "image": images[:, None],
-        "heatmaps": codec.encode(points) if len(points) else np.zeros((0, codec.num_maps, codec.heatmap_size, codec.heatmap_size), np.float32),
+        "heatmaps": codec.encode(points) if len(points) else np.zeros((0, *codec.target_shape), np.float32),  # or coordinates
     }
     for key in ("points_original", "original_width", "original_height", "pixel_spacing_mm", "hc_mm"):
         if key in batch:

@@ -86,6 +86,11 @@ TRAIN_CONFIGS = {
         model=MODEL_CONFIGS["fast_deep"], layout="ellipse", refine=True, epochs=30, batch_size=8, lr=2e-3,
         lr_schedule="cosine", loss="bce", augment=True, channels_last=True,
     ),
+    # The seed report's §d "+ resize, no heatmaps" baseline: a CNN regresses the 8 coordinates, MSE, Adam 1e-3,
+    # batch 8, no augmentation. Its encoder is `fast_deep`'s (global context at the 4x4 bottleneck), not the seed's.
+    "coordinates": TrainConfig(
+        model=MODEL_CONFIGS["fast_deep"], layout="coordinates", epochs=30, batch_size=8, lr=1e-3, loss="mse", channels_last=True,
+    ),
 }
 
 
@@ -106,7 +111,8 @@ def resolve_config(name_or_file: str, overrides: dict | None = None) -> TrainCon
         raise ValueError(f"--config must be one of {sorted(TRAIN_CONFIGS)} or a YAML/JSON file; got {name_or_file!r}")
     if overrides:
         values.update({key: value for key, value in overrides.items() if value is not None})
-    values["model"]["out_maps"] = {"ordered": 4, "pairs": 2, "ellipse": 1}[values["layout"]]
+    values["model"]["out_maps"] = {"ordered": 4, "pairs": 2, "ellipse": 1, "coordinates": 8}[values["layout"]]
+    values["model"]["head"] = "coordinates" if values["layout"] == "coordinates" else "heatmap"
     return TrainConfig.from_dict(values)
 
 

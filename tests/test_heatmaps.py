@@ -70,3 +70,15 @@ def test_ellipse_map_keeps_hc_unbiased_through_an_anisotropic_resize():
     decoded, _ = codec.decode(codec.encode(transform.to_model(truth)), np.tile([800, 540], (32, 1)))
     hc_error_px = biometry_px(transform.to_original(decoded))["hc_ellipse_px"] - biometry_px(truth)["hc_ellipse_px"]
     assert abs(hc_error_px.mean()) < 0.5 and np.abs(hc_error_px).max() < 3.0  # HC is ~1000 px here
+
+
+def test_coordinate_targets_round_trip_exactly_and_in_unit_range():
+    """The §d baseline's target: ordered endpoints / input size, decoded back to the same model pixels."""
+    codec = HeatmapCodec(input_size=256, layout="coordinates")
+    points = realistic_points(16, seed=3)
+    targets = codec.encode(points)
+    assert targets.shape == (16, *codec.target_shape) == (16, 8) and targets.dtype == np.float32
+    assert targets.min() > 0 and targets.max() < 1
+    decoded, confidence = codec.decode(targets)
+    assert np.abs(decoded - points).max() < 1e-3
+    assert np.isnan(confidence).all()  # a regressed point has no peak value

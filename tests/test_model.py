@@ -33,6 +33,21 @@ def test_seed_matches_report_cost_scale():
     assert len(model.encoders) == 2 and len(model.decoders) == 2
 
 
+def test_coordinate_head_keeps_only_the_encoder():
+    """The §d baseline: 8 numbers in [0, 1], and no decoder parameters left unused (DDP would refuse them)."""
+    config = ModelConfig(base_width=8, depth=3, stem_stride=2, out_maps=8, head="coordinates")
+    model = HeatmapUNet(config).eval()
+    with torch.no_grad():
+        coordinates = model(torch.rand(3, 1, 64, 64))
+    assert coordinates.shape == (3, 8) and coordinates.min() >= 0 and coordinates.max() <= 1
+    assert not hasattr(model, "decoders")
+    model.train()
+    model(torch.rand(2, 1, 64, 64)).sum().backward()
+    assert all(parameter.grad is not None for parameter in model.parameters())
+    with pytest.raises(ValueError, match="head"):
+        HeatmapUNet(ModelConfig(head="boxes"))
+
+
 def test_folding_batchnorm_keeps_outputs():
     import torch
 

@@ -86,3 +86,9 @@ def test_losses_are_zero_for_a_perfect_map_and_grow_with_error():
         half = heatmap_loss(torch.full_like(target, 0.5), target, kind, 10.0).item()
         wrong = heatmap_loss(1 - target, target, kind, 10.0).item()
         assert perfect < 1e-3 < half < wrong, kind
+
+
+def test_named_coordinate_config_builds_a_regression_model():
+    config = resolve_config("coordinates")
+    assert config.model.head == "coordinates" and config.model.out_maps == 8 and config.codec().target_shape == (8,)
+    assert resolve_config("ellipse_deep").model.head == "heatmap"
