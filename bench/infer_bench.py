@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fetalpipe.heatmaps import HeatmapCodec  # noqa: E402
 from fetalpipe.imaging import read_image, resize_to_model  # noqa: E402
+from fetalpipe.infer import FORWARD_BATCH  # noqa: E402
 from fetalpipe.model import MODEL_CONFIGS, HeatmapUNet, prepare_for_inference, to_model_input  # noqa: E402
 from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model  # noqa: E402
 
@@ -70,8 +71,8 @@ def plain_loop(paths: list[str], model_path: str, batch_size: int) -> float:
         decoded = [read_image(p).pixels for p in paths[start:start + batch_size]]
         images = np.stack([resize_to_model(pixels, config.input_size)[0] for pixels in decoded])
         sizes = np.array([[pixels.shape[1], pixels.shape[0]] for pixels in decoded])
-        with torch.inference_mode():
-            heatmaps = model(to_model_input(images)).numpy()
+        with torch.inference_mode():  # forward passes of FORWARD_BATCH images, as the actors do
+            heatmaps = np.concatenate([model(to_model_input(images[i:i + FORWARD_BATCH])).numpy() for i in range(0, len(images), FORWARD_BATCH)])
         codec.decode(heatmaps, sizes)
     return len(paths) / (time.perf_counter() - started)
 

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
+
+# Ray Train V2's placement-group cleaner asks the State API (served by the dashboard, which fetalpipe does not
+# start) whether the controller is alive, and logs this warning about once a second when it cannot: ~1,600
+# identical lines in a 30-minute training log. Its job (removing the placement group if the controller dies)
+# does not depend on the message.
+NOISY_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
 def ray_address_or_local(address: str | None) -> str:
@@ -13,8 +20,15 @@ def ray_address_or_local(address: str | None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
-def connect(address: str | None) -> None:
-    """ray.init on the address above, unless this process is already connected.
+def quiet_noisy_ray_loggers() -> None:
+    """Runs in every Ray worker process of a training job (`worker_process_setup_hook`)."""
+    for name in NOISY_RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def connect(address: str | None, quiet_ray_train: bool = False) -> None:
+    """ray.init on the address above, unless this process is already connected. `quiet_ray_train` silences
+    the repeated Ray Train warning above in the job's workers.
 
     Ray installs a native SIGTERM handler that aborts the driver. `fetalpipe` wants SIGTERM to stop like Ctrl-C
     (shut down the local Ray, keep what was written), so a Python handler set before is put back."""
@@ -23,6 +37,12 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     handler = signal.getsignal(signal.SIGTERM)
-    ray.init(address=ray_address_or_local(address), include_dashboard=False)
+    runtime_env = {"worker_process_setup_hook": "fetalpipe.cluster.quiet_noisy_ray_loggers"} if quiet_ray_train else None
+    try:
+        ray.init(address=ray_address_or_local(address), include_dashboard=False, runtime_env=runtime_env)
+    except ValueError as error:  # `ray job submit --runtime-env` set its own setup hook: keep the job's
+        if runtime_env is None or "Failed to merge" not in str(error):
+            raise
+        ray.init(address=ray_address_or_local(address), include_dashboard=False)
     if callable(handler) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)

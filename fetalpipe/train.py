@@ -346,7 +346,7 @@ def run_training(
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     _write_or_check_config(run_dir, config)
-    connect(ray_address)
+    connect(ray_address, quiet_ray_train=True)
     done = list_checkpoints(run_dir)
     if done and done[-1][0] >= config.epochs:
         print(f"fetalpipe train: {run_dir} already holds all {config.epochs} epochs; rewriting its outputs", flush=True)
