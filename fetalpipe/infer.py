@@ -165,7 +165,12 @@ def write_batch(rows: dict[str, np.ndarray], predictions_dir: str) -> str:
     never leaves a half file under a name the readers pick up."""
     import pyarrow as pa
 
-    table = pa.table({key: list(value) if value.dtype == object else value for key, value in rows.items() if key != "row_index"})
+    # Text columns typed as strings even when a batch holds only None (no errors): every file has the same
+    # schema, so `pandas.read_parquet(OUT/predictions)` can read them as one dataset.
+    table = pa.table({
+        key: pa.array(list(value), type=pa.string()) if value.dtype == object else value
+        for key, value in rows.items() if key != "row_index"
+    })
     name = f"{rows['run_id'][0]}-{int(np.min(rows['row_index'])):09d}.parquet"
     path = os.path.join(predictions_dir, name)
     partial = os.path.join(predictions_dir, f"_partial-{uuid.uuid4().hex}-{name}.tmp")

@@ -109,6 +109,7 @@ def test_contract_errors_resume_and_idempotency(ray_local, tiny_model_path, arch
     assert len(final) == 10 and final["image_path"].is_unique
     stored = pd.concat(pd.read_parquet(output / "predictions" / name) for name in os.listdir(output / "predictions"))
     assert len(stored) == 10
+    assert len(pd.read_parquet(output / "predictions")) == 10  # the folder reads as one dataset, as the README says
 
 
 def test_folder_input_and_overwrite(ray_local, tiny_model_path, tmp_path):
@@ -156,3 +157,6 @@ def test_write_batch_names_files_by_batch_and_leaves_no_partial_file(tmp_path):
     table = read_predictions(str(tmp_path))
     assert table["hc_mm"].tolist()[0] == 181.0 and "row_index" not in table
     assert table["error"].tolist()[1] == "cannot decode"
+    # A batch with no errors at all has the same schema: the folder reads as one dataset.
+    write_batch({**rows, "error": np.array([None, None], dtype=object), "row_index": np.array([0, 1])}, str(predictions_dir))
+    assert pd.read_parquet(predictions_dir)["error"].isna().sum() == 3

@@ -92,3 +92,18 @@ def test_named_coordinate_config_builds_a_regression_model():
     config = resolve_config("coordinates")
     assert config.model.head == "coordinates" and config.model.out_maps == 8 and config.codec().target_shape == (8,)
     assert resolve_config("ellipse_deep").model.head == "heatmap"
+
+
+def test_training_jobs_silence_ray_trains_repeated_state_api_warning():
+    """Without the dashboard, Ray Train's placement-group cleaner logs a warning about once a second."""
+    import logging
+
+    from fetalpipe.cluster import NOISY_RAY_LOGGERS, quiet_noisy_ray_loggers
+
+    logger = logging.getLogger(NOISY_RAY_LOGGERS[0])
+    logger.setLevel(logging.NOTSET)
+    quiet_noisy_ray_loggers()
+    assert not logger.isEnabledFor(logging.WARNING) and logger.isEnabledFor(logging.ERROR)
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner  # the logger's module still exists
+
+    assert placement_group_cleaner.logger.name == NOISY_RAY_LOGGERS[0]
