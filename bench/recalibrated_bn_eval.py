@@ -1,0 +1,112 @@
+"""Validation of saved epoch checkpoints, as logged and with BatchNorm statistics recomputed.
+
+During training, BatchNorm keeps running statistics of the last ~10 augmented batches (momentum 0.1), and
+validation uses them. This script recomputes them once over all un-augmented training images (a cumulative
+average, as "precise BN" does) and scores the same weights again. The recomputed figure does not depend on which
+batches happened to come last, so it compares configurations and epochs without that noise.
+
+    python bench/recalibrated_bn_eval.py --manifest runs/hc18.csv runs/deep_full runs/shipped_full
+
+Prints one line per (run, checkpoint) and writes bench/results/recalibrated_bn.json."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fetalpipe import LANDMARK_COLUMNS  # noqa: E402
+from fetalpipe.evaluate import per_image_errors  # noqa: E402
+from fetalpipe.imaging import ResizeTransform, read_image, resize_to_model  # noqa: E402
+from fetalpipe.manifest import load_manifest  # noqa: E402
+from fetalpipe.model import HeatmapUNet  # noqa: E402
+from fetalpipe.train import TrainConfig, split_by_subject  # noqa: E402
+
+
+def load_images(paths, input_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [N, S, S] model-input images and [N, 2] original (width, height)."""
+    images, sizes = [], []
+    for path in paths:
+        pixels = read_image(path).pixels
+        images.append(resize_to_model(pixels, input_size)[0])
+        sizes.append((pixels.shape[1], pixels.shape[0]))
+    return np.stack(images), np.array(sizes)
+
+
+def recompute_batchnorm(model: torch.nn.Module, images: np.ndarray, batch_size: int = 16) -> None:
+    """Running statistics = the average over all `images` (momentum None), then back to eval mode."""
+    norms = [module for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            model(torch.from_numpy(images[start:start + batch_size, None]))
+    for norm in norms:
+        norm.momentum = 0.1
+    model.eval()
+
+
+def validation_hc_mae_mm(model, codec, images, sizes, reference_points, spacing_mm, reference_hc_mm) -> tuple[float, float]:
+    """(HC MAE, MRE) in mm, as the training loop computes them."""
+    model.eval()
+    with torch.no_grad():
+        maps = np.concatenate([model(torch.from_numpy(images[start:start + 16, None])).numpy() for start in range(0, len(images), 16)])
+    points_model, _ = codec.decode(maps, sizes)
+    points_original = np.stack([ResizeTransform(int(w), int(h), codec.input_size).to_original(p) for (w, h), p in zip(sizes, points_model)])
+    errors = per_image_errors(points_original, reference_points, spacing_mm, reference_hc_mm)
+    return float(errors["hc_ellipse_diff_mm"].abs().mean()), float(errors["mean_radial_error_mm"].mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runs", nargs="+", help="training run folders (RUN_DIR of `fetalpipe train`)")
+    parser.add_argument("--manifest", default="runs/hc18.csv")
+    parser.add_argument("--last", type=int, default=3, help="also score this many final epochs")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    table = load_manifest(args.manifest)
+    rows = []
+    for run in args.runs:
+        config = TrainConfig.from_dict(json.load(open(os.path.join(run, "train_config.json"))))
+        train, val = split_by_subject(table, config.val_fraction)
+        train_images, _ = load_images(train["image_path"], config.input_size)
+        val_images, val_sizes = load_images(val["image_path"], config.input_size)
+        reference = val[list(LANDMARK_COLUMNS)].to_numpy(np.float64).reshape(-1, 4, 2)
+        spacing, reference_hc = val["pixel_spacing_mm"].to_numpy(np.float64), val["hc_mm"].to_numpy(np.float64)
+        checkpoints = sorted(path for path in glob.glob(os.path.join(run, "ray_train", "checkpoint_*")) if os.path.isdir(path))
+        logged = [json.load(open(os.path.join(path, "metrics.json"))) for path in checkpoints]
+        best = min(range(len(logged)), key=lambda index: logged[index]["val_hc_mae_mm"])
+        for index in sorted({best, *range(max(len(checkpoints) - args.last, 0), len(checkpoints))}):
+            state = torch.load(os.path.join(checkpoints[index], "state.pt"), weights_only=False)
+            model = HeatmapUNet(config.model)
+            model.load_state_dict(state["state_dict"])
+            as_logged = validation_hc_mae_mm(model, config.codec(), val_images, val_sizes, reference, spacing, reference_hc)
+            started = time.perf_counter()
+            recompute_batchnorm(model, train_images)
+            recompute_seconds = time.perf_counter() - started
+            recomputed = validation_hc_mae_mm(model, config.codec(), val_images, val_sizes, reference, spacing, reference_hc)
+            rows.append({
+                "run": run, "epoch": logged[index]["epoch"], "best_logged_epoch": index == best,
+                "hc_mae_mm_as_logged": round(as_logged[0], 3), "mre_mm_as_logged": round(as_logged[1], 3),
+                "hc_mae_mm_recomputed_bn": round(recomputed[0], 3), "mre_mm_recomputed_bn": round(recomputed[1], 3),
+                "recompute_seconds": round(recompute_seconds, 1),
+            })
+            row = rows[-1]
+            print(f"{run} epoch {row['epoch']:2d}{' (best logged)' if row['best_logged_epoch'] else ''}: HC MAE {row['hc_mae_mm_as_logged']:.2f} mm as logged, "
+                  f"{row['hc_mae_mm_recomputed_bn']:.2f} mm with BatchNorm recomputed (MRE {row['mre_mm_as_logged']:.2f} -> {row['mre_mm_recomputed_bn']:.2f})", flush=True)
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    with open(os.path.join(os.path.dirname(__file__), "results", "recalibrated_bn.json"), "w") as handle:
+        json.dump({"manifest": args.manifest, "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
