@@ -19,7 +19,7 @@ class ModelConfig:
     depth: int = 2  # encoder blocks (each followed by 2x down-sampling) before the bottleneck
     stem_stride: int = 1  # 2 = a strided stem conv: the U-Net runs at half resolution, 4x cheaper
     attention: bool = False  # attention gates on the skip connections
-    out_maps: int = 4  # heatmaps produced (4 ordered landmarks or 2 order-free pairs)
+    out_maps: int = 4  # outputs: 4 ordered maps, 2 order-free pair maps, 1 ellipse map or 8 coordinates
     max_width: int = 0  # caps the channel doubling (0 = no cap): deep, cheap levels for global context
     head: str = "heatmap"  # or "coordinates": encoder, global average pool, linear -> out_maps numbers in [0, 1]
 

@@ -111,7 +111,7 @@ def resolve_config(name_or_file: str, overrides: dict | None = None) -> TrainCon
         raise ValueError(f"--config must be one of {sorted(TRAIN_CONFIGS)} or a YAML/JSON file; got {name_or_file!r}")
     if overrides:
         values.update({key: value for key, value in overrides.items() if value is not None})
-    values["model"]["out_maps"] = {"ordered": 4, "pairs": 2, "ellipse": 1, "coordinates": 8}[values["layout"]]
+    values["model"]["out_maps"] = HeatmapCodec(layout=values["layout"]).num_maps
     values["model"]["head"] = "coordinates" if values["layout"] == "coordinates" else "heatmap"
     return TrainConfig.from_dict(values)
 

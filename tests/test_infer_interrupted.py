@@ -36,12 +36,15 @@ def test_killed_driver_then_rerun_completes_without_duplicates(ray_local, tiny_m
     assert done_before > 0  # at least one batch had landed
 
     summary = run_inference(InferOptions(output_dir=str(output), manifest=SAMPLE_MANIFEST, model_path=tiny_model_path, batch_size=4, actors=1))
-    assert summary["processed_this_run"] == 20 - done_before  # only the rest is redone
+    # Only the rest is redone. Ray workers run in their own process groups, so the actor may still finish the batch it
+    # was writing after the driver died: those rows count as done too, never twice.
+    done_at_rerun = 20 - summary["processed_this_run"]
+    assert done_before <= done_at_rerun < 20
     final = read_predictions(str(output))
     assert len(final) == 20 and final["image_path"].is_unique
     csv = pd.read_csv(output / "predictions.csv")
     assert len(csv) == 20 and csv["image_path"].is_unique
     assert len(pd.read_parquet(output / "predictions")) == 20  # the dataset as users read it
     reliability_log(area="infer: fault", case="SIGKILL of the infer driver and the local Ray it started, mid-run, then the same command again",
-                    outcome=f"{done_before} rows had landed; rerun processed the other {20 - done_before}; 20 of 20 rows, each once",
+                    outcome=f"{done_before} rows had landed ({done_at_rerun} at the rerun); rerun processed the other {20 - done_at_rerun}; 20 of 20 rows, each once",
                     crashes=0, lost_rows=20 - len(final), duplicated_rows=int(final["image_path"].duplicated().sum()))
