@@ -23,7 +23,8 @@ Policies:
 - **train**: an image that cannot be decoded is skipped with a warning and listed in `RUN_DIR/skipped_images.csv`.
 - **import-hc18**: a missing or empty annotation stops the import and names the file. The challenge data is curated, so
   a gap means a broken copy.
-- **faults**: rows are written to Parquet batch by batch. A rerun on the same output folder redoes only the rows that are missing.
+- **faults**: each inference actor writes its batch's rows to one Parquet file as it finishes the batch. A rerun on the same output folder
+  redoes only the rows that are missing. If the driver is killed, an actor may still land the batch it was working on: a rerun counts those rows as done, never twice.
 
 """
 
