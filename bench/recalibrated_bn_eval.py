@@ -104,8 +104,13 @@ def main() -> None:
             print(f"{run} epoch {row['epoch']:2d}{' (best logged)' if row['best_logged_epoch'] else ''}: HC MAE {row['hc_mae_mm_as_logged']:.2f} mm as logged, "
                   f"{row['hc_mae_mm_recomputed_bn']:.2f} mm with BatchNorm recomputed (MRE {row['mre_mm_as_logged']:.2f} -> {row['mre_mm_recomputed_bn']:.2f})", flush=True)
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "recalibrated_bn.json"), "w") as handle:
-        json.dump({"manifest": args.manifest, "rows": rows}, handle, indent=2)
+    path = os.path.join(os.path.dirname(__file__), "results", "recalibrated_bn.json")
+    kept = []  # rows of runs not scored now are kept, so the file can grow one run at a time
+    if os.path.exists(path):
+        with open(path) as handle:
+            kept = [row for row in json.load(handle)["rows"] if row["run"] not in args.runs]
+    with open(path, "w") as handle:
+        json.dump({"manifest": args.manifest, "rows": kept + rows}, handle, indent=2)
 
 
 if __name__ == "__main__":
