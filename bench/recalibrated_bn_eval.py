@@ -43,6 +43,7 @@ def load_images(paths, input_size: int) -> tuple[np.ndarray, np.ndarray]:
 def recompute_batchnorm(model: torch.nn.Module, images: np.ndarray, batch_size: int = 16) -> None:
     """Running statistics = the average over all `images` (momentum None), then back to eval mode."""
     norms = [module for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None
@@ -50,8 +51,8 @@ def recompute_batchnorm(model: torch.nn.Module, images: np.ndarray, batch_size: 
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             model(torch.from_numpy(images[start:start + batch_size, None]))
-    for norm in norms:
-        norm.momentum = 0.1
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
     model.eval()
 
 
