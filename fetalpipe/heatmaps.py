@@ -30,6 +30,9 @@ class HeatmapCodec:
     heatmap_size: int = 256  # heatmap pixels per side (input_size / heatmap stride)
     sigma_px: float = 5.0  # Gaussian sigma in model-input pixels
     layout: str = "ordered"
+    # ``ellipse`` only: 0 draws the filled ellipse with an anti-aliased edge; > 0 makes the target a logistic of the
+    # signed distance to the outline with this scale (model-input pixels), so pixels near the edge say how far it is.
+    edge_scale_px: float = 0.0
     refine: bool = True  # sub-pixel decoding; False is the seed's plain argmax
 
     def __post_init__(self):
@@ -73,7 +76,8 @@ class HeatmapCodec:
             return targets[0] if single else targets
         centres = self._to_heatmap(points)  # [B, 4, 2]
         if self.layout == "ellipse":
-            maps = np.stack([_filled_ellipse(c, self.heatmap_size) for c in centres])[:, None]
+            edge_scale_heatmap_px = self.edge_scale_px / self.stride
+            maps = np.stack([_filled_ellipse(c, self.heatmap_size, edge_scale_heatmap_px) for c in centres])[:, None]
             return maps[0] if single else maps
         grid = np.arange(self.heatmap_size, dtype=np.float64)
         two_sigma_sq = 2 * self.sigma_heatmap_px**2
@@ -178,9 +182,10 @@ class HeatmapCodec:
         return canonical_order(points), confidence
 
 
-def _filled_ellipse(points_heatmap_px: np.ndarray, size: int) -> np.ndarray:
+def _filled_ellipse(points_heatmap_px: np.ndarray, size: int, edge_scale_heatmap_px: float = 0.0) -> np.ndarray:
     """Filled ellipse with OFD and BPD as conjugate semi-diameters (exact under any affine map,
-    so it stays right after the anisotropic resize and augmentation). Anti-aliased edge."""
+    so it stays right after the anisotropic resize and augmentation). Anti-aliased edge, or with
+    `edge_scale_heatmap_px` > 0 a soft edge: sigmoid(signed distance / scale), still 0.5 on the outline."""
     import cv2
 
     centre = (points_heatmap_px[0] + points_heatmap_px[1] + points_heatmap_px[2] + points_heatmap_px[3]) / 4
@@ -197,4 +202,14 @@ def _filled_ellipse(points_heatmap_px: np.ndarray, size: int) -> np.ndarray:
     outline_ss -= 0.5 * radial / np.maximum(np.linalg.norm(radial, axis=1, keepdims=True), 1e-9)
     polygon = np.round(outline_ss * 16).astype(np.int32)
     cv2.fillPoly(canvas, [polygon], 255, lineType=cv2.LINE_8, shift=4)
+    if edge_scale_heatmap_px > 0:
+        # Euclidean distance (5x5 mask, within ~1 %) from each supersampled pixel centre to the nearest pixel across the outline;
+        # the outline lies half a pixel before that one. Positive inside.
+        inside_mask = canvas // 255  # fillPoly drew exactly 0 or 255
+        inside = cv2.distanceTransform(inside_mask, cv2.DIST_L2, cv2.DIST_MASK_5)
+        outside = cv2.distanceTransform(1 - inside_mask, cv2.DIST_L2, cv2.DIST_MASK_5)
+        signed_heatmap_px = (inside - outside - inside_mask + 0.5) / supersample  # inside: d - 0.5; outside: -(d - 0.5)
+        # Averaging over each 4x4 block gives the distance at the block centre (it is linear across the outline).
+        signed_heatmap_px = cv2.resize(signed_heatmap_px, (size, size), interpolation=cv2.INTER_AREA)
+        return (1.0 / (1.0 + np.exp(np.clip(-signed_heatmap_px / edge_scale_heatmap_px, -50, 50)))).astype(np.float32)
     return cv2.resize(canvas.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)

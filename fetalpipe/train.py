@@ -30,6 +30,7 @@ class TrainConfig:
     input_size: int = 256
     sigma_px: float = 5.0
     layout: str = "ordered"
+    edge_scale_px: float = 0.0  # ``ellipse`` only: soft-edge target (HeatmapCodec.edge_scale_px); 0 = anti-aliased edge
     refine: bool = False  # sub-pixel decoding in validation; the seed used plain argmax
     epochs: int = 30
     batch_size: int = 8
@@ -49,6 +50,7 @@ class TrainConfig:
             sigma_px=self.sigma_px,
             layout=self.layout,
             refine=self.refine,
+            edge_scale_px=self.edge_scale_px,
         )
 
     def to_dict(self) -> dict:

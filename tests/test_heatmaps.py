@@ -52,8 +52,9 @@ def test_unknown_layout_rejected():
         HeatmapCodec(layout="bogus")
 
 
-def test_ellipse_map_keeps_hc_unbiased_through_an_anisotropic_resize():
-    """Axes fitted in original-pixel geometry: HC survives 800x540 -> 256² -> 128² map -> back."""
+@pytest.mark.parametrize("edge_scale_px", [0.0, 4.0])
+def test_ellipse_map_keeps_hc_unbiased_through_an_anisotropic_resize(edge_scale_px):
+    """Axes fitted in original-pixel geometry: HC survives 800x540 -> 256² -> 128² map -> back, hard or soft edge."""
     from fetalpipe.imaging import ResizeTransform
 
     rng = np.random.default_rng(3)
@@ -66,10 +67,29 @@ def test_ellipse_map_keeps_hc_unbiased_through_an_anisotropic_resize():
         minor = np.array([-major[1], major[0]])
         truth.append([centre - semi_major * major, centre + semi_major * major, centre - semi_minor * minor, centre + semi_minor * minor])
     truth = np.array(truth)
-    codec = HeatmapCodec(heatmap_size=128, layout="ellipse")
+    codec = HeatmapCodec(heatmap_size=128, layout="ellipse", edge_scale_px=edge_scale_px)
     decoded, _ = codec.decode(codec.encode(transform.to_model(truth)), np.tile([800, 540], (32, 1)))
     hc_error_px = biometry_px(transform.to_original(decoded))["hc_ellipse_px"] - biometry_px(truth)["hc_ellipse_px"]
     assert abs(hc_error_px.mean()) < 0.5 and np.abs(hc_error_px).max() < 3.0  # HC is ~1000 px here
+
+
+def test_soft_edge_ellipse_target_is_a_logistic_of_the_distance_to_the_outline():
+    """Along the axis of a circle the soft target is sigmoid(signed distance / scale): 0.5 on the outline."""
+    radius_model_px, scale_model_px = 80.0, 4.0
+    centre = np.array([128.0, 128.0])
+    points = np.array([centre - [radius_model_px, 0], centre + [radius_model_px, 0], centre - [0, radius_model_px], centre + [0, radius_model_px]])
+    hard = HeatmapCodec(heatmap_size=128, layout="ellipse").encode(points)[0]
+    soft = HeatmapCodec(heatmap_size=128, layout="ellipse", edge_scale_px=scale_model_px).encode(points)[0]
+    assert soft.shape == hard.shape == (128, 128) and soft.dtype == np.float32
+    row = 64  # heatmap pixel 64 has its centre at model pixel 129.5 (stride 2): within 1.5 px of the centre row
+    for column in (14, 20, 24, 30, 40):
+        centre_x_model = (column + 0.5) * 2 - 0.5
+        signed_distance_model_px = radius_model_px - np.hypot(centre_x_model - 128.0, 129.5 - 128.0)
+        expected = 1 / (1 + np.exp(-signed_distance_model_px / scale_model_px))
+        assert soft[row, column] == pytest.approx(expected, abs=0.03)
+    # The soft edge spreads over many more pixels than the anti-aliased one, and both agree far from it.
+    assert ((soft > 0.05) & (soft < 0.95)).sum() > 5 * ((hard > 0.05) & (hard < 0.95)).sum()
+    assert soft[64, 64] > 0.99 and soft[0, 0] < 0.01
 
 
 def test_coordinate_targets_round_trip_exactly_and_in_unit_range():
