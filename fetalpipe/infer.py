@@ -41,6 +41,9 @@ MODEL_CPU_SHARE = 0.75
 # Images per forward pass inside a batch: at 8 the activations stay in cache (10-15 % faster per image than 64
 # at 1 thread here); the Ray batch stays large, which keeps per-task and per-file overhead low.
 FORWARD_BATCH = 8
+# Actors write one Parquet file per batch; past this many files the run's end rewrites them as parts of this many rows.
+MAX_FILES_BEFORE_COMPACTION = 64
+ROWS_PER_COMPACTED_FILE = 100_000
 
 
 @dataclass
@@ -239,6 +242,8 @@ def run_inference(options: InferOptions) -> dict:
     if options.overwrite and os.path.isdir(output_dir):
         shutil.rmtree(predictions_dir, ignore_errors=True)
         shutil.rmtree(os.path.join(output_dir, "overlays"), ignore_errors=True)
+    if not os.path.isdir(predictions_dir) and os.path.isdir(predictions_dir + ".old"):  # a crash between compaction's two renames
+        os.replace(predictions_dir + ".old", predictions_dir)
     os.makedirs(predictions_dir, exist_ok=True)
     for partial in glob.glob(os.path.join(predictions_dir, "_partial-*")):  # left by a crash mid-write
         os.remove(partial)
@@ -328,15 +333,20 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
 
 
 def _compact_if_needed(predictions_dir: str, final: pd.DataFrame) -> None:
-    """Rows superseded by a rerun (changed file, new model) are dropped by rewriting the dataset."""
+    """Rewrite the dataset when rows were superseded by a rerun (changed file, new model), or when the
+    one-file-per-batch layout has left many small files (a 1M-image archive would leave ~16,000):
+    parts of at most ROWS_PER_COMPACTED_FILE rows. Swapped in by renames, so a crash leaves either version."""
     files = glob.glob(os.path.join(predictions_dir, "*.parquet"))
     stored = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
-    if stored == len(final):
+    parts_needed = max(-(-len(final) // ROWS_PER_COMPACTED_FILE), 1)
+    if stored == len(final) and (len(files) <= MAX_FILES_BEFORE_COMPACTION or len(files) <= parts_needed):
         return
     staging = predictions_dir + ".compact"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    final.to_parquet(os.path.join(staging, "part-compacted.parquet"), index=False)
+    for part in range(parts_needed):
+        rows = final.iloc[part * ROWS_PER_COMPACTED_FILE:(part + 1) * ROWS_PER_COMPACTED_FILE]
+        rows.to_parquet(os.path.join(staging, f"part-compacted-{part:05d}.parquet"), index=False)
     backup = predictions_dir + ".old"
     shutil.rmtree(backup, ignore_errors=True)
     os.replace(predictions_dir, backup)
