@@ -2,12 +2,13 @@
 vs a plain single-process loop of the same model and settings, in one run on one machine.
 
     python bench/infer_bench.py --hc18 ../shared/data/hc18 --copies 3 --repeats 3
+    python bench/infer_bench.py --hc18 ../shared/data/hc18 --copies 15 --repeats 3 --results bench/results/infer_5k.json
 
 Each repeat runs every variant of `fetalpipe infer`, the plain loop and the seed loop back to back;
 the table shows medians over repeats, and ratios are medians of the per-repeat ratios.
 
 The archive is the HC18 test_set (335 images) plus flipped copies, generated in a temp folder (not
-committed). Prints a table and writes bench/results/infer.json."""
+committed). Prints a table and writes bench/results/infer.json (or --results)."""
 
 from __future__ import annotations
 
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL_PATH)
     parser.add_argument("--variants", nargs="+", default=["actors:2x1"], help="DECODE_IN:ACTORSxTHREADS; the first is the headline")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "infer.json"),
+                        help="where the JSON goes (one file per archive size keeps both)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     runs = []
@@ -139,8 +142,8 @@ def main() -> None:
         "settings": {"batch_size": args.batch_size, "model": os.path.basename(args.model), "seed_images": args.seed_images},
         "runs": runs,
     }
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "infer.json"), "w") as handle:
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    with open(args.results, "w") as handle:
         json.dump(results, handle, indent=2)
     print(f"{len(paths)} images, medians of {args.repeats} repeats")
     print(f"{'what':48s} {'img/s':>7s} {'x seed':>7s} {'x plain':>8s}")
