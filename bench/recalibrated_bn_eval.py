@@ -7,6 +7,7 @@ images in training-size batches (what `bn_epoch_average` gives inside training).
 happened to come last, so they compare configurations and epochs without that noise.
 
     python bench/recalibrated_bn_eval.py --manifest runs/hc18.csv runs/deep_full runs/shipped_full
+    python bench/recalibrated_bn_eval.py --manifest runs/hc18.csv --last 0 runs/deep_full runs/shipped_full --average-last 3 6 10 15
 
 Prints one line per (run, checkpoint) and writes bench/results/recalibrated_bn.json."""
 
@@ -67,6 +68,14 @@ def recompute_batchnorm(model: torch.nn.Module, images: np.ndarray, batch_size: 
     model.eval()
 
 
+def average_state_dicts(states: list[dict]) -> dict:
+    """Element-wise mean of floating-point tensors; integer buffers (BatchNorm batch counts) from the last state."""
+    return {
+        name: (sum(state[name].double() for state in states) / len(states)).to(states[-1][name].dtype) if states[-1][name].is_floating_point() else states[-1][name]
+        for name in states[-1]
+    }
+
+
 def validation_hc_mae_mm(model, codec, images, sizes, reference_points, spacing_mm, reference_hc_mm) -> tuple[float, float]:
     """(HC MAE, MRE) in mm, as the training loop computes them."""
     model.eval()
@@ -83,6 +92,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="training run folders (RUN_DIR of `fetalpipe train`)")
     parser.add_argument("--manifest", default="runs/hc18.csv")
     parser.add_argument("--last", type=int, default=3, help="also score this many final epochs")
+    parser.add_argument("--average-last", type=int, nargs="*", default=[], help="also score the weights averaged over the last K epochs, for each K")
     parser.add_argument("--augmented-passes", type=int, default=2, help="augmented passes over the training images for the second recompute (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
@@ -124,12 +134,23 @@ def main() -> None:
             augmented_text = f", {row['hc_mae_mm_recomputed_bn_augmented']:.2f} mm on augmented images" if augmented_images is not None else ""
             print(f"{run} epoch {row['epoch']:2d}{' (best logged)' if row['best_logged_epoch'] else ''}: HC MAE {row['hc_mae_mm_as_logged']:.2f} mm as logged, "
                   f"{row['hc_mae_mm_recomputed_bn']:.2f} mm with BatchNorm recomputed on un-augmented images{augmented_text}", flush=True)
+        for count in args.average_last:  # SWA-style: the mean of the last `count` epochs' weights, statistics recomputed
+            states = [torch.load(os.path.join(path, "state.pt"), weights_only=False)["state_dict"] for path in checkpoints[-count:]]
+            model = HeatmapUNet(config.model)
+            model.load_state_dict(average_state_dicts(states))
+            recompute_batchnorm(model, train_images)
+            recomputed = validation_hc_mae_mm(model, config.codec(), val_images, val_sizes, reference, spacing, reference_hc)
+            rows.append({"run": run, "epoch": logged[-1]["epoch"], "averaged_last_epochs": count,
+                         "hc_mae_mm_recomputed_bn": round(recomputed[0], 3), "mre_mm_recomputed_bn": round(recomputed[1], 3)})
+            print(f"{run} weights averaged over the last {count} epochs: HC MAE {recomputed[0]:.2f} mm with BatchNorm recomputed on un-augmented images", flush=True)
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     path = os.path.join(os.path.dirname(__file__), "results", "recalibrated_bn.json")
-    kept = []  # rows of runs not scored now are kept, so the file can grow one run at a time
+    key = lambda row: (row["run"], row["epoch"], row.get("averaged_last_epochs"))  # noqa: E731
+    kept = []  # rows not scored now are kept, so the file can grow one run (or one option) at a time
     if os.path.exists(path):
         with open(path) as handle:
-            kept = [row for row in json.load(handle)["rows"] if row["run"] not in args.runs]
+            scored = {key(row) for row in rows}
+            kept = [row for row in json.load(handle)["rows"] if key(row) not in scored]
     with open(path, "w") as handle:
         json.dump({"manifest": args.manifest, "rows": kept + rows}, handle, indent=2)
 

@@ -268,10 +268,11 @@ def run_inference(options: InferOptions) -> dict:
         _run_pipeline(pending, options, model_path, config.input_size, predictions_dir, run_id)
         pipeline_seconds = time.perf_counter() - pipeline_started
 
-    final = newest_per_image([existing, read_predictions(output_dir, skip_files=existing_files)])
-    final = final[final["image_path"].isin(set(inputs["image_path"]))]
-    final = final[[c for c in OUTPUT_COLUMNS if c in final] + [c for c in final if c not in OUTPUT_COLUMNS]]
-    _compact_if_needed(predictions_dir, final)
+    # The Parquet folder keeps the newest row of every image ever written to it; the CSV shows this manifest's images.
+    stored = newest_per_image([existing, read_predictions(output_dir, skip_files=existing_files)])
+    stored = stored[[c for c in OUTPUT_COLUMNS if c in stored] + [c for c in stored if c not in OUTPUT_COLUMNS]]
+    _compact_if_needed(predictions_dir, stored)
+    final = stored[stored["image_path"].isin(set(inputs["image_path"]))]
     csv_path = os.path.join(output_dir, "predictions.csv")
     final.sort_values("image_path").to_csv(csv_path + ".tmp", index=False)
     os.replace(csv_path + ".tmp", csv_path)
@@ -332,20 +333,20 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
         raise RuntimeError(f"inference wrote {written} rows for {len(table)} inputs")
 
 
-def _compact_if_needed(predictions_dir: str, final: pd.DataFrame) -> None:
+def _compact_if_needed(predictions_dir: str, newest: pd.DataFrame) -> None:
     """Rewrite the dataset when rows were superseded by a rerun (changed file, new model), or when the
     one-file-per-batch layout has left many small files (a 1M-image archive would leave ~16,000):
     parts of at most ROWS_PER_COMPACTED_FILE rows. Swapped in by renames, so a crash leaves either version."""
     files = glob.glob(os.path.join(predictions_dir, "*.parquet"))
     stored = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
-    parts_needed = max(-(-len(final) // ROWS_PER_COMPACTED_FILE), 1)
-    if stored == len(final) and (len(files) <= MAX_FILES_BEFORE_COMPACTION or len(files) <= parts_needed):
+    parts_needed = max(-(-len(newest) // ROWS_PER_COMPACTED_FILE), 1)
+    if stored == len(newest) and (len(files) <= MAX_FILES_BEFORE_COMPACTION or len(files) <= parts_needed):
         return
     staging = predictions_dir + ".compact"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     for part in range(parts_needed):
-        rows = final.iloc[part * ROWS_PER_COMPACTED_FILE:(part + 1) * ROWS_PER_COMPACTED_FILE]
+        rows = newest.iloc[part * ROWS_PER_COMPACTED_FILE:(part + 1) * ROWS_PER_COMPACTED_FILE]
         rows.to_parquet(os.path.join(staging, f"part-compacted-{part:05d}.parquet"), index=False)
     backup = predictions_dir + ".old"
     shutil.rmtree(backup, ignore_errors=True)

@@ -111,6 +111,11 @@ def test_contract_errors_resume_and_idempotency(ray_local, tiny_model_path, arch
     assert len(stored) == 10
     assert len(pd.read_parquet(output / "predictions")) == 10  # the folder reads as one dataset, as the README says
 
+    # A run over a smaller manifest into the same folder: its CSV shows its 3 images, and the other 7 rows stay stored.
+    subset = run_inference(InferOptions(**{**options.__dict__, "manifest": str(partial_manifest)}))
+    assert subset["processed_this_run"] == 0 and subset["rows"] == 3 and len(pd.read_csv(output / "predictions.csv")) == 3
+    assert len(read_predictions(str(output))) == 10
+
 
 def test_folder_input_and_overwrite(ray_local, tiny_model_path, tmp_path):
     folder = tmp_path / "images"
