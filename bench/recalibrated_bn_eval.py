@@ -3,7 +3,7 @@
 During training, BatchNorm keeps running statistics of the last ~10 augmented batches (momentum 0.1), and
 validation uses them. This script recomputes them (a cumulative average, as "precise BN" does) in two ways and
 scores the same weights again: over all un-augmented training images, and over 2 augmented passes of the training
-images in training-size batches (what `bn_epoch_average` gives inside training). Neither depends on which batches
+images in training-size batches (what averaging the running statistics over whole epochs would give). Neither depends on which batches
 happened to come last, so they compare configurations and epochs without that noise.
 
     python bench/recalibrated_bn_eval.py --manifest runs/hc18.csv runs/deep_full runs/shipped_full
