@@ -59,8 +59,9 @@ def main() -> None:
             rows.append({"option": name, "repeat": repeat, **json.loads(output.stdout.strip().splitlines()[-1])})
             row = rows[-1]
             print(f"{name:22s} import {row['import_s']:.2f} s  init {row['init_s']:.2f} s  first task {row['first_task_s']:.2f} s  shutdown {row['shutdown_s']:.2f} s", flush=True)
-    os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ray_init.json"), "w") as handle:
+    results_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, "ray_init.json"), "w") as handle:
         json.dump({"rows": rows}, handle, indent=2)
     if args.profile:
         print(subprocess.run([sys.executable, "-c", PROFILE], env=env, capture_output=True, text=True, check=True).stdout)
