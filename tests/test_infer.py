@@ -3,13 +3,15 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SAMPLE_DIR, write_png
+from conftest import SAMPLE_DIR, SAMPLE_MANIFEST, write_png
 from fetalpipe import LANDMARK_COLUMNS
 from fetalpipe.cli import main
 from fetalpipe.infer import InferOptions, read_predictions, run_inference
@@ -141,6 +143,21 @@ def test_cli_exit_codes_for_jobs_that_cannot_run(tmp_path, tiny_model_path, caps
     not_a_model.write_bytes(b"garbage")
     assert main(["infer", "--manifest", str(bad_manifest), "--output", str(tmp_path / "o"), "--model", str(not_a_model)]) == 2
     assert "cannot read model file" in capsys.readouterr().err
+
+
+def test_console_script_exits_quickly_with_everything_written(tiny_model_path, tmp_path):
+    """`fetalpipe.cli.run` leaves with os._exit: the exit code, the printed summary and every output must be complete."""
+    output = tmp_path / "out"
+    base = [sys.executable, "-m", "fetalpipe.cli", "infer", "--model", tiny_model_path, "--output", str(output)]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run([*base, "--manifest", SAMPLE_MANIFEST, "--batch-size", "8", "--actors", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])  # printed last, so flushed before the exit
+    assert summary["rows"] == summary["ok"] + summary["error"] == 20
+    assert len(pd.read_csv(output / "predictions.csv")) == 20 and len(read_predictions(str(output))) == 20
+    assert json.loads((output / "run.json").read_text())["counts"]["rows"] == 20
+    failed = subprocess.run([*base, "--manifest", str(tmp_path / "missing.csv")], env=env, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2 and "missing.csv" in failed.stderr
 
 
 def test_write_batch_names_files_by_batch_and_leaves_no_partial_file(tmp_path):
