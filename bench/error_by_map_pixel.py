@@ -26,10 +26,10 @@ from fetalpipe.manifest import load_manifest  # noqa: E402
 
 
 def map_pixel_mm(manifest: pd.DataFrame, map_size: int) -> pd.Series:
-    """mm covered by one map pixel per image (geometric mean of the x and y stretch), indexed by image_path."""
-    sizes = {path: read_image(path).pixels.shape for path in manifest["image_path"]}
-    stretch = np.array([np.sqrt((width / map_size) * (height / map_size)) for height, width in sizes.values()])
-    return pd.Series(manifest["pixel_spacing_mm"].to_numpy() * stretch, index=list(sizes))
+    """mm covered by one map pixel per image (geometric mean of the x and y stretch), indexed by image_path.
+    `manifest` needs ``original_width`` and ``original_height``."""
+    stretch = np.sqrt((manifest["original_width"] / map_size) * (manifest["original_height"] / map_size))
+    return pd.Series((manifest["pixel_spacing_mm"] * stretch).to_numpy(), index=manifest["image_path"].to_numpy())
 
 
 def main() -> None:
@@ -40,6 +40,8 @@ def main() -> None:
     args = parser.parse_args()
 
     manifest = load_manifest(args.manifest, require_landmarks=True)
+    shapes = [read_image(path).pixels.shape for path in manifest["image_path"]]  # each image read once, for its size
+    manifest = manifest.assign(original_height=[h for h, _ in shapes], original_width=[w for _, w in shapes])
     rows, quartiles = [], None
     for item in args.reports:
         report, map_size = item.rsplit(":", 1)

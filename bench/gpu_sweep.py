@@ -36,6 +36,7 @@ from fetalpipe.augment import AugmentConfig, random_affine, random_intensity  # 
 from fetalpipe.evaluate import per_image_errors  # noqa: E402
 from fetalpipe.imaging import ResizeTransform  # noqa: E402
 from fetalpipe.train import TrainConfig, _lr_factor, heatmap_loss, resolve_config, split_by_subject  # noqa: E402
+from recalibrated_bn_eval import recompute_batchnorm  # noqa: E402  (bench/, the script's own folder)
 
 RAY_TRAIN_WORKERS = 2  # `fetalpipe train`'s default: the global batch is batch_size × this
 
@@ -135,23 +136,6 @@ def validate(model, images, original_sizes, points_original, spacing, hc_mm, cod
             "hc_errors_over_5mm": int((errors["hc_ellipse_diff_mm"].abs() > 5).sum()), "decode_failures": int(errors["hc_ellipse_diff_mm"].isna().sum())}
 
 
-def recompute_batchnorm(model, images, device, batch_size: int = 16) -> None:
-    """Rule (a) of bench/recalibrated_bn_eval.py: running statistics = the average over un-augmented training images."""
-    import torch
-
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-    model.train()
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(images[start:start + batch_size].astype(np.float32)[:, None] / 255.0).to(device)
-            model(batch.contiguous(memory_format=torch.channels_last))
-    for norm in norms:
-        norm.momentum = 0.1
-
-
 def train_one(cache, recipe, seed: int, device: str, loader_workers: int, epochs_override: int | None, train_limit: int | None) -> dict:
     import torch
 
@@ -207,7 +191,7 @@ def train_one(cache, recipe, seed: int, device: str, loader_workers: int, epochs
               "global_batch": global_batch, "lr": config.lr, "options": options, "model": values["model"], "augment": augment_overrides,
               "final_running_stats": final, "curve": curve, "seconds": round(train_seconds, 1)}
     if options.get("norm") != "group":
-        recompute_batchnorm(model, cache["images"][train_index], device)
+        recompute_batchnorm(model, cache["images"][train_index].astype(np.float32) / 255.0, device=device)  # rule (a)
         result["final_recomputed_a"] = validate(model, *val_args)
     return result
 

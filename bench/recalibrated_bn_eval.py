@@ -52,8 +52,8 @@ def augmented_passes(images: np.ndarray, passes: int, seed: int = 0) -> np.ndarr
     return np.stack(copies)[rng.permutation(len(copies))]
 
 
-def recompute_batchnorm(model: torch.nn.Module, images: np.ndarray, batch_size: int = 16) -> None:
-    """Running statistics = the average over all `images` (momentum None), then back to eval mode."""
+def recompute_batchnorm(model: torch.nn.Module, images: np.ndarray, batch_size: int = 16, device: str = "cpu") -> None:
+    """Running statistics = the average over all `images` (float32 [N, S, S]; momentum None), then back to eval mode."""
     norms = [module for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)]
     momenta = [norm.momentum for norm in norms]
     for norm in norms:
@@ -62,7 +62,7 @@ def recompute_batchnorm(model: torch.nn.Module, images: np.ndarray, batch_size: 
     model.train()
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            model(torch.from_numpy(images[start:start + batch_size, None]))
+            model(torch.from_numpy(images[start:start + batch_size, None]).to(device))
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     model.eval()
