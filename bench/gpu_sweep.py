@@ -32,9 +32,10 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fetalpipe import LANDMARK_COLUMNS  # noqa: E402
-from fetalpipe.augment import AugmentConfig, random_affine, random_intensity  # noqa: E402
+from fetalpipe.augment import AugmentConfig  # noqa: E402
 from fetalpipe.evaluate import per_image_errors  # noqa: E402
 from fetalpipe.imaging import ResizeTransform  # noqa: E402
+from fetalpipe.preprocess import encode_batch  # noqa: E402
 from fetalpipe.train import TrainConfig, _lr_factor, heatmap_loss, resolve_config, split_by_subject  # noqa: E402
 from recalibrated_bn_eval import recompute_batchnorm  # noqa: E402  (bench/, the script's own folder)
 
@@ -90,23 +91,19 @@ def build_cache(manifest_path: str, output_path: str, input_size: int = 256) -> 
 
 
 class AugmentedEllipses:
-    """torch Dataset: one training image through the library's affine + intensity augmentation, and its target map."""
+    """torch Dataset: one training image through the library's training step (`preprocess.encode_batch`: affine +
+    intensity augmentation, then the target map)."""
 
     def __init__(self, images_u8, points_model_px, codec, augment: AugmentConfig):
         self.images_u8, self.points_model_px, self.codec, self.augment = images_u8, points_model_px, codec, augment
-        self.rng = None
 
     def __len__(self):
         return len(self.images_u8)
 
     def __getitem__(self, index):
-        import torch
-
-        if self.rng is None:  # one generator per loader worker, seeded by torch (differs per worker and run)
-            self.rng = np.random.default_rng(torch.initial_seed() % 2**32)
-        image, points = random_affine(self.images_u8[index].astype(np.float32) / 255.0, self.points_model_px[index], self.augment, self.rng)
-        image = random_intensity(image, self.augment, self.rng)
-        return image[None], self.codec.encode(points[None])[0]
+        batch = {"image": self.images_u8[index:index + 1].astype(np.float32) / 255.0, "points_model": self.points_model_px[index:index + 1]}
+        encoded = encode_batch(batch, self.codec, self.augment)  # fresh random numbers on every call
+        return encoded["image"][0], encoded["heatmaps"][0]
 
 
 def to_group_norm(model, groups: int = 8):
