@@ -3,7 +3,8 @@
     python bench/ray_init_bench.py --repeats 2
 
 Each measurement runs in a fresh Python process (Ray can only start once per process): import ray, `ray.init(address="local",
-include_dashboard=False, **options)`, one trivial task, `ray.shutdown()`. With --profile, one more process runs `ray.init` under
+include_dashboard=False, **options)`, one trivial task, `ray.shutdown()`. One variant also loads the shipped model (importing torch)
+in a thread meanwhile, as the driver of `fetalpipe infer` did before session 5. With --profile, one more process runs `ray.init` under
 cProfile and prints the calls that took longest. Prints a table and writes bench/results/ray_init.json."""
 
 from __future__ import annotations
@@ -19,14 +20,20 @@ OPTIONS = {
     "num_cpus=2": {"num_cpus": 2},
     "no worker prestart": {"_system_config": {"enable_worker_prestart": False}},
     "log_to_driver=False": {"log_to_driver": False},
+    # Not a ray.init option: the driver loads the model (importing torch) in a thread meanwhile, as `fetalpipe infer` did before session 5.
+    "model loaded in a thread": {"load_model_in_thread": True},
 }
 
 ONE_RUN = """
-import json, sys, time
+import json, sys, threading, time
+options = json.loads(sys.argv[1])
 started = time.perf_counter()
+if options.pop("load_model_in_thread", False):
+    from fetalpipe.model_io import load_model
+    threading.Thread(target=load_model).start()
 import ray
 imported = time.perf_counter()
-ray.init(address="local", include_dashboard=False, **json.loads(sys.argv[1]))
+ray.init(address="local", include_dashboard=False, **options)
 initialised = time.perf_counter()
 ray.get(ray.remote(lambda: 1).remote())
 first_task = time.perf_counter()

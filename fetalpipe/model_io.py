@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
+import pickle
+import zipfile
 
 DEFAULT_MODEL_PATH = os.path.join(os.path.dirname(__file__), "assets", "model.pt")
 
@@ -33,6 +36,42 @@ def file_sha256(path: str) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class _HeaderUnpickler(pickle.Unpickler):
+    """Unpickles a torch.save payload without torch: every tensor (and any other torch object) comes back as None."""
+
+    def find_class(self, module: str, name: str):
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "torch" or module.startswith("torch."):
+            return _no_tensor
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+
+    def persistent_load(self, persistent_id):
+        return None
+
+
+def _no_tensor(*args, **kwargs) -> None:
+    return None
+
+
+def read_model_header(path: str | None = None) -> dict:
+    """A model file's payload without its weights (format, train_config, metrics, training), read without importing
+    torch. `fetalpipe infer`'s driver checks the file with it while Ray starts: importing torch there slowed
+    `ray.init` by 1.5–2.5 s on 2 cores (`bench/ray_init_bench.py`). Raises ModelFileError with the reason."""
+    path = path or DEFAULT_MODEL_PATH
+    if not os.path.isfile(path):
+        raise ModelFileError(f"model file not found: {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickled = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
+            payload = _HeaderUnpickler(archive.open(pickled)).load()
+    except Exception as error:  # not a zip, no pickle inside, or objects a fetalpipe model never holds
+        raise ModelFileError(f"cannot read model file {path}: {error}") from error
+    if not isinstance(payload, dict) or payload.get("format") != "fetalpipe-model-v1":
+        raise ModelFileError(f"{path} is not a fetalpipe model file")
+    return {key: value for key, value in payload.items() if key != "state_dict"}
 
 
 def load_model(path: str | None = None):

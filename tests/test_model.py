@@ -66,3 +66,29 @@ def test_folding_batchnorm_keeps_outputs():
         folded = fold_batchnorm(model)
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
         assert torch.allclose(folded(images), expected, atol=1e-5)
+
+
+def test_model_header_is_read_without_torch_and_matches_the_full_load(tiny_model_path, tmp_path):
+    """`fetalpipe infer`'s driver checks the model file and reads its config without importing torch (it slowed ray.init)."""
+    import subprocess
+    import sys
+
+    from fetalpipe.model_io import ModelFileError, load_model, read_model_header
+
+    _, _, payload = load_model(tiny_model_path)
+    assert read_model_header(tiny_model_path) == {key: value for key, value in payload.items() if key != "state_dict"}
+    probe = ("import sys, fetalpipe.infer, fetalpipe.preprocess; from fetalpipe.model_io import read_model_header; "
+             "print(read_model_header(sys.argv[1])['train_config']['input_size'], 'torch' in sys.modules)")
+    printed = subprocess.run([sys.executable, "-c", probe, tiny_model_path], capture_output=True, text=True, check=True).stdout.split()
+    assert printed == [str(payload["train_config"]["input_size"]), "False"]
+
+    other = tmp_path / "other.pt"
+    torch.save({"format": "something-else", "state_dict": {}}, other)
+    with pytest.raises(ModelFileError, match="is not a fetalpipe model"):
+        read_model_header(str(other))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"format": "fetalpipe-model-v1", "train_config": {}, "path": tmp_path}, foreign)  # an object no model file holds
+    with pytest.raises(ModelFileError, match="cannot read model file"):
+        read_model_header(str(foreign))
+    with pytest.raises(ModelFileError, match="cannot read model file"):
+        read_model_header(__file__)  # not a zip at all
