@@ -225,7 +225,7 @@ def run_inference(options: InferOptions) -> dict:
         raise ValueError(f"decode_in must be 'actors' or 'tasks', got {options.decode_in!r}")
     model_path = os.path.abspath(options.model_path or DEFAULT_MODEL_PATH)
     # Fail early, with a clear message, on a file that is not a fetalpipe model. Read without torch: importing it
-    # here slowed ray.init by 1.5-2.5 s on 2 cores. The actors load the weights.
+    # here slowed ray.init by 1.6-3.2 s on 2 cores (bench/ray_init_bench.py). The actors load the weights.
     model_config = read_model_header(model_path)["train_config"]
     if options.flip_average and model_config["layout"] == "coordinates":
         raise ValueError("--flip-average needs a heatmap model; this one regresses coordinates")

@@ -59,7 +59,7 @@ def _no_tensor(*args, **kwargs) -> None:
 def read_model_header(path: str | None = None) -> dict:
     """A model file's payload without its weights (format, train_config, metrics, training), read without importing
     torch. `fetalpipe infer`'s driver checks the file with it while Ray starts: importing torch there slowed
-    `ray.init` by 1.5–2.5 s on 2 cores (`bench/ray_init_bench.py`). Raises ModelFileError with the reason."""
+    `ray.init` by 1.6–3.2 s on 2 cores (`bench/ray_init_bench.py`). Raises ModelFileError with the reason."""
     path = path or DEFAULT_MODEL_PATH
     if not os.path.isfile(path):
         raise ModelFileError(f"model file not found: {path}")
