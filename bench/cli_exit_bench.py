@@ -48,8 +48,8 @@ def main() -> None:
     inside = {name: [] for name in ENTRY_POINTS}
     with tempfile.TemporaryDirectory() as folder:
         for repeat in range(args.repeats):
-            for name, entry in ENTRY_POINTS.items():
-                wall, seconds = timed_infer(entry, args.manifest, os.path.join(folder, f"{repeat}-{len(walls[name])}-{hash(name) & 0xffff}"))
+            for index, (name, entry) in enumerate(ENTRY_POINTS.items()):
+                wall, seconds = timed_infer(entry, args.manifest, os.path.join(folder, f"{repeat}-{index}"))
                 walls[name].append(wall)
                 inside[name].append(seconds)
                 print(f"repeat {repeat + 1}: {name}: {wall:.2f} s wall, {seconds:.2f} s in run_inference", flush=True)

@@ -9,6 +9,7 @@ import pickle
 import zipfile
 
 DEFAULT_MODEL_PATH = os.path.join(os.path.dirname(__file__), "assets", "model.pt")
+MODEL_FORMAT = "fetalpipe-model-v1"
 
 
 class ModelFileError(ValueError):
@@ -19,7 +20,7 @@ def save_model(path: str, state_dict: dict, train_config, metrics: dict | None =
     import torch
 
     payload = {
-        "format": "fetalpipe-model-v1",
+        "format": MODEL_FORMAT,
         "train_config": train_config.to_dict(),
         "state_dict": {key: value.detach().clone() for key, value in state_dict.items()},
         "metrics": metrics or {},
@@ -56,6 +57,11 @@ def _no_tensor(*args, **kwargs) -> None:
     return None
 
 
+def _check_format(payload, path: str) -> None:
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise ModelFileError(f"{path} is not a fetalpipe model file")
+
+
 def read_model_header(path: str | None = None) -> dict:
     """A model file's payload without its weights (format, train_config, metrics, training), read without importing
     torch. `fetalpipe infer`'s driver checks the file with it while Ray starts: importing torch there slowed
@@ -69,8 +75,7 @@ def read_model_header(path: str | None = None) -> dict:
             payload = _HeaderUnpickler(archive.open(pickled)).load()
     except Exception as error:  # not a zip, no pickle inside, or objects a fetalpipe model never holds
         raise ModelFileError(f"cannot read model file {path}: {error}") from error
-    if not isinstance(payload, dict) or payload.get("format") != "fetalpipe-model-v1":
-        raise ModelFileError(f"{path} is not a fetalpipe model file")
+    _check_format(payload, path)
     return {key: value for key, value in payload.items() if key != "state_dict"}
 
 
@@ -88,8 +93,7 @@ def load_model(path: str | None = None):
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
         raise ModelFileError(f"cannot read model file {path}: {error}") from error
-    if not isinstance(payload, dict) or payload.get("format") != "fetalpipe-model-v1":
-        raise ModelFileError(f"{path} is not a fetalpipe model file")
+    _check_format(payload, path)
     config = TrainConfig.from_dict(payload["train_config"])
     model = HeatmapUNet(config.model)
     model.load_state_dict(payload["state_dict"])
