@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
     from fetalpipe.imaging import ImageDecodeError
+    from fetalpipe.infer import ActorStartError
     from fetalpipe.manifest import ManifestError
     from fetalpipe.model_io import ModelFileError
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, interrupt)  # schedulers stop jobs with SIGTERM: leave as cleanly as Ctrl-C
     try:
         return args.handler(args)
-    except (ManifestError, ModelFileError, ImageDecodeError, FileNotFoundError, ValueError) as error:
+    except (ManifestError, ModelFileError, ImageDecodeError, ActorStartError, FileNotFoundError, ValueError) as error:
         print(f"fetalpipe {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

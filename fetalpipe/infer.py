@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import platform
+import re
 import shutil
 import time
 import uuid
@@ -42,6 +43,11 @@ FORWARD_BATCH = 8
 # Actors write one Parquet file per batch; past this many files the run's end rewrites them as parts of this many rows.
 MAX_FILES_BEFORE_COMPACTION = 64
 ROWS_PER_COMPACTED_FILE = 100_000
+
+
+class ActorStartError(RuntimeError):
+    """The model actors failed in their constructor (a model file whose weights do not fit, a node without torch):
+    no batch can run, so the job stops with the actors' own reason instead of Ray's traceback."""
 
 
 @dataclass
@@ -319,9 +325,21 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
         num_cpus=MODEL_CPU_SHARE * options.threads_per_actor,
         batch_size=None, batch_format="numpy",
     )
-    written = sum(int(batch["rows_written"].sum()) for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    try:
+        written = sum(int(batch["rows_written"].sum()) for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    except ray.exceptions.RayActorError as error:
+        if not error.actor_init_failed:
+            raise
+        raise ActorStartError(f"the model actors could not start: {_last_exception(str(error))}") from error
     if written != len(table):
         raise RuntimeError(f"inference wrote {written} rows for {len(table)} inputs")
+
+
+def _last_exception(traceback_text: str) -> str:
+    """The last "SomeError: message" of a traceback that Ray passed on as text, with its continuation lines."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", traceback_text).splitlines() if line.strip()]
+    starts = [index for index, line in enumerate(lines) if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*:", line)]
+    return " ".join(lines[starts[-1]:]) if starts else (lines[-1] if lines else traceback_text)
 
 
 def _compact_if_needed(predictions_dir: str, newest: pd.DataFrame) -> None:

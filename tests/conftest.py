@@ -71,3 +71,13 @@ def reliability_log():
         from reliability_table import write_reliability_table
 
         write_reliability_table(rows, target)
+
+
+def model_missing_a_weight(source_path, path):
+    """A copy of a model file whose state_dict lacks one tensor: what another version of the architecture would load."""
+    import torch
+
+    payload = torch.load(source_path, weights_only=False)
+    payload["state_dict"].pop(next(iter(payload["state_dict"])))
+    torch.save(payload, path)
+    return str(path)

@@ -6,7 +6,7 @@ import re
 
 import pandas as pd
 
-AREAS = ["infer: input file", "infer: fault", "train: input file", "train: fault", "manifest", "import-hc18"]
+AREAS = ["infer: input file", "infer: model file", "infer: fault", "train: input file", "train: fault", "manifest", "import-hc18"]
 HEADER = """# Reliability
 
 Every bad input and fault below was tried by a test in `tests/`, and the row was written by that test from what it
@@ -18,6 +18,9 @@ Policies:
 - **infer**: an input that cannot be measured gives one `status="error"` row whose `error` says why. The job goes on.
   Oddities that are still valid images (RGB, 16-bit, JPEG bytes named `.png`, huge frames, odd names,
   DICOM without spacing or with several frames) are measured. A multi-frame DICOM is measured on its first frame.
+- **model file** (infer): the driver checks the file's format and its zip checksums before Ray starts (torch.load alone
+  loads a damaged file). Weights that do not fit the architecture are found when the actors load them: the job stops there,
+  exit code 2, with the actors' reason as the last line. No row is written in either case.
 - **manifest** (infer, train, evaluate): the manifest is checked in full before any image is read. A bad manifest stops the
   job before it starts, with exit code 2 and a message that names the file, the row and the column. Nothing is half-done.
 - **train**: an image that cannot be decoded is skipped with a warning and listed in `RUN_DIR/skipped_images.csv`.

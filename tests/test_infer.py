@@ -145,6 +145,24 @@ def test_cli_exit_codes_for_jobs_that_cannot_run(tmp_path, tiny_model_path, caps
     assert "cannot read model file" in capsys.readouterr().err
 
 
+def test_model_actors_that_cannot_start_stop_the_job_with_their_reason(ray_local, tiny_model_path, tmp_path, capsys, reliability_log):
+    """Weights that do not fit the architecture pass the driver's header check and fail in the actors: the job stops
+    at once (no error row for every image) and the CLI ends on the actors' reason, exit code 2."""
+    from conftest import model_missing_a_weight
+    from fetalpipe.infer import ActorStartError
+
+    mismatched = model_missing_a_weight(tiny_model_path, tmp_path / "mismatched.pt")
+    with pytest.raises(ActorStartError, match="could not start: .*ModelFileError: .*weights do not fit the architecture.*Missing key"):
+        run_inference(InferOptions(output_dir=str(tmp_path / "out"), manifest=SAMPLE_MANIFEST, model_path=mismatched, actors=1))
+    assert read_predictions(str(tmp_path / "out")).empty
+    assert main(["infer", "--manifest", SAMPLE_MANIFEST, "--output", str(tmp_path / "cli"), "--model", mismatched, "--actors", "1"]) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("fetalpipe infer: error: the model actors could not start")
+    assert read_predictions(str(tmp_path / "cli")).empty
+    reliability_log(area="infer: model file", case="weights that do not fit the architecture (a tensor missing): the header reads fine",
+                    outcome=f"the job stops when the actors load the weights, exit 2, no row written: {last_line.split(': error: ', 1)[1]}")
+
+
 def test_console_script_exits_quickly_with_everything_written(tiny_model_path, tmp_path):
     """`fetalpipe.cli.run` leaves with os._exit: the exit code, the printed summary and every output must be complete."""
     output = tmp_path / "out"

@@ -92,3 +92,45 @@ def test_model_header_is_read_without_torch_and_matches_the_full_load(tiny_model
         read_model_header(str(foreign))
     with pytest.raises(ModelFileError, match="cannot read model file"):
         read_model_header(__file__)  # not a zip at all
+
+
+def test_damaged_or_mismatched_weights_are_refused_with_the_reason(tiny_model_path, tmp_path, capsys, reliability_log):
+    """torch.load accepts a flipped byte in the weights (it would measure wrongly): both readers check the zip's checksums.
+    Weights from another architecture fail with a ModelFileError that names what is missing."""
+    import shutil
+    import struct
+    import zipfile
+
+    from conftest import model_missing_a_weight
+    from fetalpipe.model_io import ModelFileError, load_model, read_model_header
+
+    damaged = tmp_path / "damaged.pt"
+    shutil.copy(tiny_model_path, damaged)
+    with zipfile.ZipFile(damaged) as archive:
+        largest = max(archive.infolist(), key=lambda entry: entry.file_size)
+    with open(damaged, "r+b") as handle:
+        handle.seek(largest.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", handle.read(4))
+        data_start = largest.header_offset + 30 + name_length + extra_length
+        handle.seek(data_start + largest.file_size // 2)
+        byte = handle.read(1)[0]
+        handle.seek(data_start + largest.file_size // 2)
+        handle.write(bytes([byte ^ 0xFF]))
+    assert torch.load(damaged, weights_only=False)["format"] == "fetalpipe-model-v1"  # torch alone does not notice
+    for reader in (read_model_header, load_model):
+        with pytest.raises(ModelFileError, match=f"is damaged: {largest.filename} fails its checksum"):
+            reader(str(damaged))
+    from conftest import SAMPLE_MANIFEST
+    from fetalpipe.cli import main
+
+    assert main(["infer", "--manifest", SAMPLE_MANIFEST, "--output", str(tmp_path / "out"), "--model", str(damaged)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "fails its checksum" in error and not (tmp_path / "out" / "predictions.csv").exists()
+    reliability_log(area="infer: model file", case="one flipped byte in the weights (torch.load alone accepts it)",
+                    outcome="refused before Ray starts, exit 2, nothing written: "
+                    + error.split(": error: ", 1)[1].replace(largest.filename, "zip entry " + largest.filename.replace("/", " / ")))
+
+    mismatched = model_missing_a_weight(tiny_model_path, tmp_path / "mismatched.pt")
+    assert read_model_header(mismatched)["format"] == "fetalpipe-model-v1"  # the header alone cannot tell
+    with pytest.raises(ModelFileError, match="weights do not fit the architecture.*Missing key"):
+        load_model(mismatched)
