@@ -62,6 +62,17 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_calibrate(args) -> int:
+    from fetalpipe.calibration import calibrate_model
+
+    summary = calibrate_model(args.model, args.manifest, args.output, ray_address=args.address)
+    print(json.dumps(summary, indent=2))
+    print(f"HC error on the training split = {summary['intercept_mm']:+.3f} mm {summary['slope']:+.5f} × HC; "
+          f"HC MAE {summary['train_hc_mae_mm_before']:.3f} -> {summary['train_hc_mae_mm_after']:.3f} mm over {summary['images']} images")
+    print(f"model: {args.output}")
+    return 0
+
+
 def _cmd_study(args) -> int:
     from fetalpipe.study import run_study
 
@@ -114,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="decode images inside the model actors (default; no hand-off) or in separate Ray tasks (heavy decoding)")
     command.add_argument("--address")
     command.set_defaults(handler=_cmd_infer)
+
+    command = commands.add_parser("calibrate", help="fit the size calibration on the model's training split and write the calibrated model")
+    command.add_argument("--model", required=True, help="a trained model.pt")
+    command.add_argument("--manifest", required=True, help="the manifest it was trained on (split by subject_id as in training)")
+    command.add_argument("--output", required=True, help="where the calibrated model goes")
+    command.add_argument("--address")
+    command.set_defaults(handler=_cmd_calibrate)
 
     command = commands.add_parser("evaluate", help="compare predictions with reference landmarks/HC")
     command.add_argument("--predictions", required=True, help="OUT folder of `fetalpipe infer`")

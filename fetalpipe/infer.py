@@ -32,7 +32,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".
 BIOMETRY_COLUMNS = ("ofd_px", "bpd_px", "hc_px", "hc_ellipse_px", "ofd_mm", "bpd_mm", "hc_mm", "hc_ellipse_mm")
 OUTPUT_COLUMNS = (
     "image_path", "status", "error", *LANDMARK_COLUMNS, *BIOMETRY_COLUMNS[:4], "pixel_spacing_mm", *BIOMETRY_COLUMNS[4:],
-    "confidence", "model_sha256", "fetalpipe_version", "file_sha256", "original_width", "original_height", "run_id",
+    "confidence", "size_calibration_scale", "model_sha256", "fetalpipe_version", "file_sha256", "original_width", "original_height", "run_id",
 )
 # Share of a CPU each stage asks Ray for: the model takes most of the time, decoding the rest.
 DECODE_CPUS = 0.25
@@ -105,12 +105,14 @@ class LandmarkPredictor:
     def __init__(self, model_path: str, threads: int, flip_average: bool = False, predictions_dir: str | None = None, overlay_dir: str | None = None):
         import torch
 
+        from fetalpipe.calibration import SizeCalibration
         from fetalpipe.model import prepare_for_inference
         from fetalpipe.model_io import file_sha256, load_model
 
         torch.set_num_threads(threads)
-        model, self.config, _ = load_model(model_path)
+        model, self.config, payload = load_model(model_path)
         self.model = prepare_for_inference(model)
+        self.calibration = SizeCalibration.from_dict(payload.get("calibration"))
         self.codec = self.config.codec()
         self.model_sha256 = file_sha256(model_path)
         self.flip_average = flip_average
@@ -140,6 +142,7 @@ class LandmarkPredictor:
         count = len(batch["image_path"])
         points_original = np.full((count, 4, 2), np.nan)
         confidence = np.full(count, np.nan)
+        calibration_scale = np.full(count, np.nan)
         ok = np.flatnonzero(batch["status"] == "ok")
         if len(ok):
             original_sizes = np.stack([batch["original_width"][ok], batch["original_height"][ok]], axis=1)
@@ -148,6 +151,9 @@ class LandmarkPredictor:
                 transform = ResizeTransform(int(batch["original_width"][index]), int(batch["original_height"][index]), self.codec.input_size)
                 points_original[index] = transform.to_original(points_model[slot])
             confidence[ok] = peak_values.mean(axis=1)
+            calibration_scale[ok] = 1.0
+            if self.calibration is not None:
+                points_original[ok], calibration_scale[ok] = self.calibration.apply(points_original[ok], batch["pixel_spacing_mm"][ok])
         output = {key: value for key, value in batch.items() if key != "image"}
         not_found = (batch["status"] == "ok") & np.isnan(points_original).any(axis=(1, 2))
         if not_found.any():
@@ -156,6 +162,7 @@ class LandmarkPredictor:
         output.update({column: points_original.reshape(count, 8)[:, i] for i, column in enumerate(LANDMARK_COLUMNS)})
         output.update(biometry_mm(points_original, batch["pixel_spacing_mm"]))
         output["confidence"] = confidence
+        output["size_calibration_scale"] = calibration_scale  # 1: not calibrated (no calibration in the model, or no spacing)
         output["model_sha256"] = np.full(count, self.model_sha256, dtype=object)
         output["fetalpipe_version"] = np.full(count, __version__, dtype=object)
         if self.overlay_dir:

@@ -16,7 +16,9 @@ class ModelFileError(ValueError):
     """The model file is missing, damaged, or not a fetalpipe model."""
 
 
-def save_model(path: str, state_dict: dict, train_config, metrics: dict | None = None, training: dict | None = None) -> None:
+def save_model(path: str, state_dict: dict, train_config, metrics: dict | None = None, training: dict | None = None,
+               calibration: dict | None = None) -> None:
+    """`calibration`: a fitted `calibration.SizeCalibration` with its report, applied by inference."""
     import torch
 
     payload = {
@@ -26,6 +28,8 @@ def save_model(path: str, state_dict: dict, train_config, metrics: dict | None =
         "metrics": metrics or {},
         "training": training or {},
     }
+    if calibration:
+        payload["calibration"] = calibration
     temporary = path + ".tmp"
     torch.save(payload, temporary)
     os.replace(temporary, path)

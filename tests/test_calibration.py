@@ -1,0 +1,108 @@
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import SAMPLE_MANIFEST
+from fetalpipe.biometry import biometry_mm
+from fetalpipe.calibration import SCALE_LIMITS, SizeCalibration
+
+
+def ellipse_endpoints(centre, semi_major_px, semi_minor_px, angle_rad):
+    major = np.array([np.cos(angle_rad), np.sin(angle_rad)])
+    minor = np.array([-major[1], major[0]])
+    return np.stack([centre - semi_major_px * major, centre + semi_major_px * major, centre - semi_minor_px * minor, centre + semi_minor_px * minor])
+
+
+def test_fit_recovers_a_linear_size_error_and_apply_removes_it():
+    rng = np.random.default_rng(0)
+    reference_hc_mm = rng.uniform(60, 340, 200)
+    intercept_mm, slope = -3.0, 0.018
+    measured_hc_mm = (reference_hc_mm + intercept_mm) / (1 - slope)  # measured - reference = intercept + slope * measured
+    calibration = SizeCalibration.fit(measured_hc_mm, reference_hc_mm)
+    assert calibration.intercept_mm == pytest.approx(intercept_mm) and calibration.slope == pytest.approx(slope)
+    assert calibration.images == 200
+
+    # Applied to ellipse endpoints: the HC becomes the reference, the centre, the axes' directions and their ratio stay.
+    spacing_mm = 0.2
+    points = []
+    for hc_mm in measured_hc_mm[:5]:
+        semi_major_px = hc_mm / spacing_mm / (2 * np.pi) * 1.1
+        points.append(ellipse_endpoints(np.array([400.0, 270.0]), semi_major_px, semi_major_px / 1.2, 0.3))
+    points = np.array(points)
+    scaled_hc = biometry_mm(points, spacing_mm)["hc_ellipse_mm"]
+    calibrated, scale = calibration.apply(points, np.full(5, spacing_mm))
+    after = biometry_mm(calibrated, spacing_mm)
+    np.testing.assert_allclose(after["hc_ellipse_mm"], scaled_hc * scale)
+    np.testing.assert_allclose(after["hc_ellipse_mm"], scaled_hc - (intercept_mm + slope * scaled_hc), rtol=1e-9)
+    np.testing.assert_allclose(calibrated.mean(axis=1), points.mean(axis=1))
+    np.testing.assert_allclose(after["bpd_px"] / after["ofd_px"], biometry_mm(points, spacing_mm)["bpd_px"] / biometry_mm(points, spacing_mm)["ofd_px"])
+
+
+def test_without_spacing_or_out_of_range_the_correction_is_none_or_bounded():
+    calibration = SizeCalibration(intercept_mm=-3.0, slope=0.018, images=100)
+    points = ellipse_endpoints(np.array([100.0, 80.0]), 60.0, 45.0, 0.0)[None]
+    unchanged, scale = calibration.apply(points, np.array([np.nan]))
+    np.testing.assert_array_equal(unchanged, points)
+    np.testing.assert_array_equal(scale, [1.0])
+    assert calibration.scale(np.array([0.5]))[0] == SCALE_LIMITS[1]  # a size the line was never fitted on: at most the bound
+    assert SizeCalibration(intercept_mm=0.0, slope=0.2, images=100).scale(np.array([200.0]))[0] == SCALE_LIMITS[0]
+    with pytest.raises(ValueError, match="at least 10"):
+        SizeCalibration.fit(np.array([100.0, np.nan]), np.array([101.0, 99.0]))
+    # The model file keeps the fit's report beside the line; only the line is read back.
+    assert SizeCalibration.from_dict({**calibration.to_dict(), "train_hc_mae_mm_after": 2.0}) == calibration
+    assert SizeCalibration.from_dict(None) is None
+
+
+def test_calibrate_fits_on_the_training_split_and_infer_applies_it(ray_local, tmp_path):
+    """`fetalpipe calibrate` with the shipped weights on the embedded sample: the line is fitted on the training split only,
+    stored in the model file, and `infer` scales each ellipse by it (the scale is in the output; 1 without spacing)."""
+    from fetalpipe.calibration import calibrate_model
+    from fetalpipe.cli import main
+    from fetalpipe.infer import InferOptions, read_predictions, run_inference
+    from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model, read_model_header, save_model
+    from fetalpipe.train import split_by_subject
+
+    model, config, payload = load_model(DEFAULT_MODEL_PATH)
+    uncalibrated = str(tmp_path / "uncalibrated.pt")
+    save_model(uncalibrated, payload["state_dict"], config)
+    # The sample's images are all validation subjects of the HC18 split; give each its own subject id so that the
+    # same split rule puts most of them in training.
+    manifest = pd.read_csv(SAMPLE_MANIFEST)
+    manifest["image_path"] = [os.path.join(os.path.dirname(SAMPLE_MANIFEST), p) for p in manifest["image_path"]]
+    manifest["subject_id"] = [f"subject-{index}" for index in range(len(manifest))]
+    train_rows, val_rows = split_by_subject(manifest, config.val_fraction)
+    assert len(train_rows) >= 10 and len(val_rows) > 0
+    manifest_path = tmp_path / "manifest.csv"
+    manifest.to_csv(manifest_path, index=False)
+
+    calibrated = str(tmp_path / "calibrated.pt")
+    assert main(["calibrate", "--model", uncalibrated, "--manifest", str(manifest_path), "--output", calibrated]) == 0
+    fit = read_model_header(calibrated)["calibration"]
+    line = SizeCalibration.from_dict(fit)
+    assert fit["images"] == len(train_rows) and fit["split"] == "train"
+    with pytest.raises(ValueError, match="no image is in the training split"):  # the sample as shipped: all validation subjects
+        calibrate_model(uncalibrated, SAMPLE_MANIFEST, str(tmp_path / "x.pt"))
+
+    spacing_mm = manifest["pixel_spacing_mm"].to_numpy()
+    measured = manifest.assign(pixel_spacing_mm=np.where(np.arange(len(manifest)) < 2, np.nan, spacing_mm))  # two without spacing
+    measured_path = tmp_path / "measured.csv"
+    measured.to_csv(measured_path, index=False)
+    outputs = {}
+    for name, path in (("plain", uncalibrated), ("calibrated", calibrated)):
+        run_inference(InferOptions(output_dir=str(tmp_path / name), manifest=str(measured_path), model_path=path, actors=1))
+        outputs[name] = read_predictions(str(tmp_path / name)).set_index("image_path").loc[manifest["image_path"]]
+    plain, corrected = outputs["plain"], outputs["calibrated"]
+    assert (plain["size_calibration_scale"] == 1.0).all()
+    expected_scale = line.scale(plain["hc_ellipse_mm"].to_numpy())
+    np.testing.assert_allclose(corrected["size_calibration_scale"].to_numpy(), np.where(np.isnan(plain["hc_ellipse_mm"]), 1.0, expected_scale))
+    np.testing.assert_allclose(corrected["hc_ellipse_px"], plain["hc_ellipse_px"] * corrected["size_calibration_scale"], rtol=1e-9)
+    np.testing.assert_allclose(corrected["hc_ellipse_mm"], corrected["hc_ellipse_px"] * corrected["pixel_spacing_mm"], rtol=1e-9)
+    assert (corrected["size_calibration_scale"].iloc[:2] == 1.0).all() and (corrected["size_calibration_scale"].iloc[2:] != 1.0).all()
+
+    # The stored line is the one the training split alone gives (the validation subjects left out).
+    is_train = manifest["subject_id"].isin(set(train_rows["subject_id"])).to_numpy()
+    measured_mm = plain["hc_ellipse_px"].to_numpy() * spacing_mm  # the spacing the calibration saw
+    refit = SizeCalibration.fit(measured_mm[is_train], manifest["hc_mm"].to_numpy()[is_train])
+    assert refit.intercept_mm == pytest.approx(line.intercept_mm, abs=1e-6) and refit.slope == pytest.approx(line.slope, abs=1e-9)
