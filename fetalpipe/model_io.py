@@ -66,7 +66,7 @@ def _check_checksums(archive: zipfile.ZipFile, path: str) -> None:
     wrongly. Checking them reads the whole file once (about 10 ms for the shipped 8 MB model)."""
     damaged = archive.testzip()
     if damaged is not None:
-        raise ModelFileError(f"model file {archive.filename} is damaged: {damaged} fails its checksum; copy the file again")
+        raise ModelFileError(f"model file {path} is damaged: {damaged} fails its checksum; copy the file again")
 
 
 def _check_format(payload, path: str) -> None:
