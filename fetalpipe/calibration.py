@@ -11,7 +11,6 @@ It needs the pixel spacing (the error is linear in mm, not in pixels): images wi
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -67,8 +66,9 @@ class SizeCalibration:
 
 def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_address: str | None = None) -> dict:
     """Measure the training split of `manifest_path` (the split the model was trained on) with the uncalibrated
-    model, fit the line, and write the model with it to `output_path`. Returns the fit and the split's HC MAE
-    before and after."""
+    model, fit the line, and write the model with it to `output_path`. The measurement stays in OUTPUT.calibration/
+    (predictions and an evaluate report of the training split); like any inference output it must be on storage
+    every node can reach. Returns the fit and the split's HC MAE before and after."""
     import pandas as pd
 
     from fetalpipe.evaluate import evaluate_predictions
@@ -84,18 +84,21 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
         raise ValueError(f"{manifest_path}: no image is in the training split (by subject_id); calibrate on the manifest the model was trained on")
     if "pixel_spacing_mm" not in train_table or train_table["pixel_spacing_mm"].isna().all():
         raise ValueError(f"{manifest_path}: size calibration needs pixel_spacing_mm")
-    with tempfile.TemporaryDirectory() as folder:
-        uncalibrated = os.path.join(folder, "uncalibrated.pt")
-        save_model(uncalibrated, payload["state_dict"], config, metrics=payload.get("metrics"), training=payload.get("training"))
-        split_manifest = os.path.join(folder, "train_split.csv")
-        train_table.to_csv(split_manifest, index=False)  # load_manifest made the image paths absolute
-        run_inference(InferOptions(output_dir=os.path.join(folder, "inference"), manifest=split_manifest, model_path=uncalibrated, ray_address=ray_address))
-        evaluate_predictions(os.path.join(folder, "inference"), split_manifest, os.path.join(folder, "report"))
-        errors = pd.read_csv(os.path.join(folder, "report", "per_image_errors.csv"))
+    work_dir = os.path.abspath(output_path) + ".calibration"
+    os.makedirs(work_dir, exist_ok=True)
+    uncalibrated = os.path.join(work_dir, "uncalibrated_model.pt")
+    save_model(uncalibrated, payload["state_dict"], config, metrics=payload.get("metrics"), training=payload.get("training"))
+    split_manifest = os.path.join(work_dir, "train_split.csv")
+    train_table.to_csv(split_manifest, index=False)  # load_manifest made the image paths absolute
+    run_inference(InferOptions(output_dir=os.path.join(work_dir, "inference"), manifest=split_manifest, model_path=uncalibrated,
+                               overwrite=True, ray_address=ray_address))
+    evaluate_predictions(os.path.join(work_dir, "inference"), split_manifest, os.path.join(work_dir, "report"))
+    os.remove(uncalibrated)
+    errors = pd.read_csv(os.path.join(work_dir, "report", "per_image_errors.csv"))
     measured = (errors["reference_hc_mm"] + errors["hc_ellipse_diff_mm"]).to_numpy()
-    calibration = SizeCalibration.fit(measured, errors["reference_hc_mm"].to_numpy())
-    calibrated = measured * calibration.scale(measured)
     reference = errors["reference_hc_mm"].to_numpy()
+    calibration = SizeCalibration.fit(measured, reference)
+    calibrated = measured * calibration.scale(measured)
     summary = {
         **calibration.to_dict(), "manifest": manifest_path, "split": "train",
         "train_hc_mae_mm_before": float(np.nanmean(np.abs(measured - reference))),

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     command = commands.add_parser("calibrate", help="fit the size calibration on the model's training split and write the calibrated model")
     command.add_argument("--model", required=True, help="a trained model.pt")
     command.add_argument("--manifest", required=True, help="the manifest it was trained on (split by subject_id as in training)")
-    command.add_argument("--output", required=True, help="where the calibrated model goes")
+    command.add_argument("--output", required=True, help="where the calibrated model goes (the training split's measurement stays in OUTPUT.calibration/)")
     command.add_argument("--address")
     command.set_defaults(handler=_cmd_calibrate)
 

@@ -82,6 +82,8 @@ def test_calibrate_fits_on_the_training_split_and_infer_applies_it(ray_local, tm
     fit = read_model_header(calibrated)["calibration"]
     line = SizeCalibration.from_dict(fit)
     assert fit["images"] == len(train_rows) and fit["split"] == "train"
+    measured_split = pd.read_csv(calibrated + ".calibration/report/per_image_errors.csv")  # kept for inspection, on the output's storage
+    assert len(measured_split) == len(train_rows) and not os.path.exists(calibrated + ".calibration/uncalibrated_model.pt")
     with pytest.raises(ValueError, match="no image is in the training split"):  # the sample as shipped: all validation subjects
         calibrate_model(uncalibrated, SAMPLE_MANIFEST, str(tmp_path / "x.pt"))
 
