@@ -1,8 +1,8 @@
 """Size calibration: a straight-line correction of the measured head size, fitted on the training split.
 
 Why: every ellipse-map model trained here measures small heads too small and large heads too large, on its own
-training images as on validation (about -1 to -1.6 mm HC in the quarter with the finest pixels, +1.2 to +2.3 mm
-in the coarsest; docs/experiments.md, note 9). The error is close to linear in the measured HC, so a line fitted
+training images as on validation (-1.05 to -1.62 mm HC in the quarter with the finest pixels, +1.20 to +2.32 mm
+in the coarsest, over six runs; docs/experiments.md, note 9). The error is close to linear in the measured HC, so a line fitted
 on the training split predicts it for new images. The correction scales the ellipse about its centre: the
 landmarks move, and BPD, OFD and HC, in pixels and mm, stay consistent with them.
 
