@@ -52,8 +52,7 @@ class SizeCalibration:
         points = np.asarray(points_original_px, dtype=np.float64)
         scale = self.scale(biometry_mm(points, pixel_spacing_mm)["hc_ellipse_mm"])
         centre = points.mean(axis=-2, keepdims=True)
-        calibrated = centre + (points - centre) * scale[:, None, None]
-        return np.where(np.isfinite(points), calibrated, points), scale
+        return centre + (points - centre) * scale[:, None, None], scale
 
     def to_dict(self) -> dict:
         return asdict(self)

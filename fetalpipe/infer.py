@@ -156,6 +156,7 @@ class LandmarkPredictor:
                 points_original[ok], calibration_scale[ok] = self.calibration.apply(points_original[ok], batch["pixel_spacing_mm"][ok])
         output = {key: value for key, value in batch.items() if key != "image"}
         not_found = (batch["status"] == "ok") & np.isnan(points_original).any(axis=(1, 2))
+        calibration_scale[not_found] = np.nan
         if not_found.any():
             output["status"] = np.where(not_found, "error", batch["status"]).astype(object)
             output["error"] = np.where(not_found, "no fetal head found (model output below detection threshold)", batch["error"]).astype(object)

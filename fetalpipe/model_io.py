@@ -61,12 +61,20 @@ def _no_tensor(*args, **kwargs) -> None:
     return None
 
 
-def _check_checksums(archive: zipfile.ZipFile, path: str) -> None:
-    """torch.load does not check the zip's CRC-32s: a flipped byte in the weights loads silently and measures
-    wrongly. Checking them reads the whole file once (about 10 ms for the shipped 8 MB model)."""
-    damaged = archive.testzip()
+def _existing_intact_file(path: str | None) -> str:
+    """The model file's path once it exists and its zip checksums hold. torch.load does not check them: a flipped byte
+    in the weights loads silently and measures wrongly. Checking reads the file once (about 8 ms for the shipped 8 MB model)."""
+    path = path or DEFAULT_MODEL_PATH
+    if not os.path.isfile(path):
+        raise ModelFileError(f"model file not found: {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except Exception as error:  # not a zip at all
+        raise ModelFileError(f"cannot read model file {path}: {error}") from error
     if damaged is not None:
         raise ModelFileError(f"model file {path} is damaged: {damaged} fails its checksum; copy the file again")
+    return path
 
 
 def _check_format(payload, path: str) -> None:
@@ -78,17 +86,12 @@ def read_model_header(path: str | None = None) -> dict:
     """A model file's payload without its weights (format, train_config, metrics, training), read without importing
     torch. `fetalpipe infer`'s driver checks the file with it while Ray starts: importing torch there slowed
     `ray.init` by 1.6–3.2 s on 2 cores (`bench/ray_init_bench.py`). Raises ModelFileError with the reason."""
-    path = path or DEFAULT_MODEL_PATH
-    if not os.path.isfile(path):
-        raise ModelFileError(f"model file not found: {path}")
+    path = _existing_intact_file(path)
     try:
         with zipfile.ZipFile(path) as archive:
-            _check_checksums(archive, path)
             pickled = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
             payload = _HeaderUnpickler(archive.open(pickled)).load()
-    except ModelFileError:
-        raise
-    except Exception as error:  # not a zip, no pickle inside, or objects a fetalpipe model never holds
+    except Exception as error:  # no pickle inside, or objects a fetalpipe model never holds
         raise ModelFileError(f"cannot read model file {path}: {error}") from error
     _check_format(payload, path)
     return {key: value for key, value in payload.items() if key != "state_dict"}
@@ -101,15 +104,9 @@ def load_model(path: str | None = None):
     from fetalpipe.model import HeatmapUNet
     from fetalpipe.train import TrainConfig
 
-    path = path or DEFAULT_MODEL_PATH
-    if not os.path.isfile(path):
-        raise ModelFileError(f"model file not found: {path}")
+    path = _existing_intact_file(path)
     try:
-        with zipfile.ZipFile(path) as archive:
-            _check_checksums(archive, path)
         payload = torch.load(path, map_location="cpu", weights_only=False)
-    except ModelFileError:
-        raise
     except Exception as error:
         raise ModelFileError(f"cannot read model file {path}: {error}") from error
     _check_format(payload, path)
