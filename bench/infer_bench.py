@@ -29,9 +29,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fetalpipe.heatmaps import HeatmapCodec  # noqa: E402
 from fetalpipe.imaging import read_image, resize_to_model  # noqa: E402
-from fetalpipe.infer import FORWARD_BATCH  # noqa: E402
-from fetalpipe.model import MODEL_CONFIGS, HeatmapUNet, prepare_for_inference, to_model_input  # noqa: E402
-from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model  # noqa: E402
+from fetalpipe.infer import FORWARD_BATCH, load_inference_model, resolve_precision  # noqa: E402
+from fetalpipe.model import MODEL_CONFIGS, HeatmapUNet, to_model_input  # noqa: E402
+from fetalpipe.model_io import DEFAULT_MODEL_PATH, read_model_header  # noqa: E402
 
 
 def build_archive(hc18_dir: str, copies: int, folder: str) -> str:
@@ -62,11 +62,10 @@ def seed_style_loop(paths: list[str], batch_size: int = 8) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
-def plain_loop(paths: list[str], model_path: str, batch_size: int) -> float:
-    """The shipped model and settings, in one process, no Ray."""
+def plain_loop(paths: list[str], model_path: str, batch_size: int, precision: str) -> float:
+    """The shipped model and settings (the same precision), in one process, no Ray."""
     started = time.perf_counter()  # model load included, as in the actors
-    model, config, _ = load_model(model_path)
-    model = prepare_for_inference(model)
+    model, config, _ = load_inference_model(model_path, precision)
     codec = config.codec()
     for start in range(0, len(paths), batch_size):
         decoded = [read_image(p).pixels for p in paths[start:start + batch_size]]
@@ -78,14 +77,14 @@ def plain_loop(paths: list[str], model_path: str, batch_size: int) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
-def fetalpipe_infer(manifest: str, output: str, model_path: str, variant: str, batch_size: int) -> tuple[float, dict]:
+def fetalpipe_infer(manifest: str, output: str, model_path: str, variant: str, batch_size: int, precision: str) -> tuple[float, dict]:
     """`variant` is DECODE_IN:ACTORSxTHREADS, e.g. actors:2x1."""
     decode_in, shape = variant.split(":")
     actors, threads = shape.split("x")
     started = time.perf_counter()
     subprocess.run(
         ["fetalpipe", "infer", "--manifest", manifest, "--output", output, "--model", model_path, "--actors", actors,
-         "--threads-per-actor", threads, "--decode-in", decode_in, "--batch-size", str(batch_size)],
+         "--threads-per-actor", threads, "--decode-in", decode_in, "--batch-size", str(batch_size), "--precision", precision],
         check=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     elapsed = time.perf_counter() - started
@@ -103,10 +102,12 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL_PATH)
     parser.add_argument("--variants", nargs="+", default=["actors:2x1"], help="DECODE_IN:ACTORSxTHREADS; the first is the headline")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--precision", default="auto", choices=("auto", "int8", "fp32"), help="as `fetalpipe infer --precision`; the plain loop uses the same")
     parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "infer.json"),
                         help="where the JSON goes (one file per archive size keeps both)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
+    precision = resolve_precision(args.precision, read_model_header(args.model))
     runs = []
     with tempfile.TemporaryDirectory() as folder:
         manifest = build_archive(args.hc18, args.copies, folder)
@@ -114,9 +115,9 @@ def main() -> None:
         for repeat in range(args.repeats):
             run = {"infer": {}}
             for variant in args.variants:
-                seconds, record = fetalpipe_infer(manifest, os.path.join(folder, f"out-{repeat}-{variant}"), args.model, variant, args.batch_size)
+                seconds, record = fetalpipe_infer(manifest, os.path.join(folder, f"out-{repeat}-{variant}"), args.model, variant, args.batch_size, precision)
                 run["infer"][variant] = {"end_to_end": len(paths) / seconds, "pipeline": record["timings"]["images_per_second"], "ok_rows": record["counts"]["ok"]}
-            run["plain"] = plain_loop(paths, args.model, args.batch_size)
+            run["plain"] = plain_loop(paths, args.model, args.batch_size, precision)
             run["seed"] = seed_style_loop(paths[: args.seed_images])
             runs.append(run)
             print(json.dumps(run), flush=True)
@@ -139,7 +140,7 @@ def main() -> None:
         "plain_loop_img_per_s": round(median([r["plain"] for r in runs]), 2),
         "seed_loop_img_per_s": round(median([r["seed"] for r in runs]), 2),
         "headline_variant": headline,
-        "settings": {"batch_size": args.batch_size, "model": os.path.basename(args.model), "seed_images": args.seed_images},
+        "settings": {"batch_size": args.batch_size, "model": os.path.basename(args.model), "precision": precision, "seed_images": args.seed_images},
         "runs": runs,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)

@@ -4,7 +4,7 @@ one CSV at the end.
 
 Contract: every input row appears exactly once in OUT/predictions/ and OUT/predictions.csv, as
 ``status="ok"`` or ``status="error"`` with the reason. A rerun on the same OUT processes only rows
-whose (image path, file content hash, model hash) are not done yet; ``overwrite`` redoes all."""
+whose (image path, file content hash, model hash, precision) are not done yet; ``overwrite`` redoes all."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".
 BIOMETRY_COLUMNS = ("ofd_px", "bpd_px", "hc_px", "hc_ellipse_px", "ofd_mm", "bpd_mm", "hc_mm", "hc_ellipse_mm")
 OUTPUT_COLUMNS = (
     "image_path", "status", "error", *LANDMARK_COLUMNS, *BIOMETRY_COLUMNS[:4], "pixel_spacing_mm", *BIOMETRY_COLUMNS[4:],
-    "confidence", "size_calibration_scale", "model_sha256", "fetalpipe_version", "file_sha256", "original_width", "original_height", "run_id",
+    "confidence", "size_calibration_scale", "model_sha256", "precision", "fetalpipe_version", "file_sha256", "original_width", "original_height", "run_id",
 )
 # Share of a CPU each stage asks Ray for: the model takes most of the time, decoding the rest.
 DECODE_CPUS = 0.25
@@ -66,6 +66,8 @@ class InferOptions:
     # "actors": each model actor decodes its own batch (no hand-off between processes; best when CPUs are few).
     # "tasks": decoding runs in separate Ray tasks (best when decoding is heavy, e.g. large DICOMs).
     decode_in: str = "actors"
+    # "auto": int8 when the model file holds int8 quantization parameters (written by `fetalpipe calibrate`), else fp32.
+    precision: str = "auto"
 
 
 def collect_inputs(manifest: str | None, input_glob: str | None) -> pd.DataFrame:
@@ -95,6 +97,32 @@ def content_hash(path: str) -> str:
         return ""
 
 
+PRECISIONS = ("auto", "int8", "fp32")
+
+
+def resolve_precision(requested: str, model_header: dict) -> str:
+    """"auto" -> "int8" when the model file has int8 quantization parameters, else "fp32". Decided once, in the driver,
+    so that every actor runs the same arithmetic and a rerun can tell which rows were made another way."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    has_quantization = bool(model_header.get("int8_quantization"))
+    if requested == "int8" and not has_quantization:
+        raise ValueError("this model file has no int8 quantization parameters: run `fetalpipe calibrate` on it, or use --precision fp32")
+    return "int8" if requested == "int8" or (requested == "auto" and has_quantization) else "fp32"
+
+
+def load_inference_model(model_path: str, precision: str):
+    """(model ready for `model.to_model_input(...)` batches, TrainConfig, payload) in "int8" or "fp32" (resolved)."""
+    from fetalpipe.model import prepare_for_inference
+    from fetalpipe.model_io import load_model
+    from fetalpipe.quantize import to_int8
+
+    model, config, payload = load_model(model_path)
+    if precision == "int8":
+        return to_int8(model, payload["int8_quantization"], config.input_size), config, payload
+    return prepare_for_inference(model), config, payload
+
+
 class LandmarkPredictor:
     """Actor: loads the model once, then turns decoded batches into landmark + biometry rows.
 
@@ -102,16 +130,16 @@ class LandmarkPredictor:
     the row count: a separate Ray Data write stage cost more CPU (task start-up, ~1 s a file) than the
     write itself (milliseconds), on machines where every core is already running a model."""
 
-    def __init__(self, model_path: str, threads: int, flip_average: bool = False, predictions_dir: str | None = None, overlay_dir: str | None = None):
+    def __init__(self, model_path: str, threads: int, flip_average: bool = False, predictions_dir: str | None = None, overlay_dir: str | None = None,
+                 precision: str = "fp32"):
         import torch
 
         from fetalpipe.calibration import SizeCalibration
-        from fetalpipe.model import prepare_for_inference
-        from fetalpipe.model_io import file_sha256, load_model
+        from fetalpipe.model_io import file_sha256
 
         torch.set_num_threads(threads)
-        model, self.config, payload = load_model(model_path)
-        self.model = prepare_for_inference(model)
+        self.model, self.config, payload = load_inference_model(model_path, precision)
+        self.precision = precision
         self.calibration = SizeCalibration.from_dict(payload.get("calibration"))
         self.codec = self.config.codec()
         self.model_sha256 = file_sha256(model_path)
@@ -165,6 +193,7 @@ class LandmarkPredictor:
         output["confidence"] = confidence
         output["size_calibration_scale"] = calibration_scale  # 1: not calibrated (no calibration in the model, or no spacing)
         output["model_sha256"] = np.full(count, self.model_sha256, dtype=object)
+        output["precision"] = np.full(count, self.precision, dtype=object)
         output["fetalpipe_version"] = np.full(count, __version__, dtype=object)
         if self.overlay_dir:
             output = draw_overlays_batch(output, self.overlay_dir)
@@ -240,7 +269,9 @@ def run_inference(options: InferOptions) -> dict:
     model_path = os.path.abspath(options.model_path or DEFAULT_MODEL_PATH)
     # Fail early, with a clear message, on a file that is not a fetalpipe model. Read without torch: importing it
     # here slowed ray.init by 1.6-3.2 s on 2 cores (bench/ray_init_bench.py). The actors load the weights.
-    model_config = read_model_header(model_path)["train_config"]
+    model_header = read_model_header(model_path)
+    model_config = model_header["train_config"]
+    precision = resolve_precision(options.precision, model_header)
     if options.flip_average and model_config["layout"] == "coordinates":
         raise ValueError("--flip-average needs a heatmap model; this one regresses coordinates")
     model_sha256 = file_sha256(model_path)
@@ -258,7 +289,10 @@ def run_inference(options: InferOptions) -> dict:
 
     existing = read_predictions(output_dir)  # read once; after the run only the new files are read
     existing_files = frozenset(glob.glob(os.path.join(predictions_dir, "*.parquet")))
-    done = existing[existing["model_sha256"] == model_sha256] if len(existing) else existing
+    done = existing
+    if len(existing):  # rows written before the precision column existed were fp32
+        row_precision = existing["precision"].fillna("fp32") if "precision" in existing else "fp32"
+        done = existing[(existing["model_sha256"] == model_sha256) & (row_precision == precision)]
     done_hash = dict(zip(done["image_path"], done["file_sha256"])) if len(done) else {}
     pending_mask = np.array([path not in done_hash or done_hash[path] != content_hash(path) for path in inputs["image_path"]], dtype=bool)
     pending = inputs[pending_mask].reset_index(drop=True)
@@ -270,7 +304,7 @@ def run_inference(options: InferOptions) -> dict:
         connect(options.ray_address)
     if len(pending):
         pipeline_started = time.perf_counter()
-        _run_pipeline(pending, options, model_path, model_config["input_size"], predictions_dir, run_id)
+        _run_pipeline(pending, options, model_path, model_config["input_size"], predictions_dir, run_id, precision)
         pipeline_seconds = time.perf_counter() - pipeline_started
 
     # The Parquet folder keeps the newest row of every image ever written to it; the CSV shows this manifest's images.
@@ -290,7 +324,7 @@ def run_inference(options: InferOptions) -> dict:
     run_record = {
         "run_id": run_id, "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "options": asdict(options), "model_path": model_path, "model_sha256": model_sha256,
-        "versions": _versions(), "counts": {k: summary[k] for k in ("rows", "ok", "error", "processed_this_run")},
+        "precision": precision, "versions": _versions(), "counts": {k: summary[k] for k in ("rows", "ok", "error", "processed_this_run")},
         "timings": {k: summary[k] for k in ("seconds", "pipeline_seconds", "images_per_second")},
     }
     with open(os.path.join(output_dir, "run.json.tmp"), "w") as handle:
@@ -299,7 +333,8 @@ def run_inference(options: InferOptions) -> dict:
     return summary
 
 
-def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str, input_size: int, predictions_dir: str, run_id: str) -> None:
+def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str, input_size: int, predictions_dir: str, run_id: str,
+                  precision: str) -> None:
     import ray.data
 
     from fetalpipe.preprocess import decode_batch
@@ -327,7 +362,7 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
         LandmarkPredictor,
         fn_constructor_kwargs={
             "model_path": model_path, "threads": options.threads_per_actor, "flip_average": options.flip_average,
-            "predictions_dir": predictions_dir, "overlay_dir": overlay_dir,
+            "predictions_dir": predictions_dir, "overlay_dir": overlay_dir, "precision": precision,
         },
         compute=ray.data.ActorPoolStrategy(size=options.actors),
         num_cpus=MODEL_CPU_SHARE * options.threads_per_actor,

@@ -17,8 +17,10 @@ class ModelFileError(ValueError):
 
 
 def save_model(path: str, state_dict: dict, train_config, metrics: dict | None = None, training: dict | None = None,
-               calibration: dict | None = None) -> None:
-    """`calibration`: a fitted `calibration.SizeCalibration` with its report, applied by inference."""
+               calibration: dict | None = None, int8_quantization: dict | None = None) -> None:
+    """`calibration`: a fitted `calibration.SizeCalibration` with its report, applied by inference.
+    `int8_quantization`: {observer: [scale, zero point]} from `quantize.observe_quantization` (plain numbers, so the
+    torch-free header reader sees them), which lets inference run in int8."""
     import torch
 
     payload = {
@@ -30,6 +32,8 @@ def save_model(path: str, state_dict: dict, train_config, metrics: dict | None =
     }
     if calibration:
         payload["calibration"] = calibration
+    if int8_quantization:
+        payload["int8_quantization"] = int8_quantization
     temporary = path + ".tmp"
     torch.save(payload, temporary)
     os.replace(temporary, path)

@@ -91,12 +91,17 @@ def test_calibrate_fits_on_the_training_split_and_infer_applies_it(ray_local, tm
     measured = manifest.assign(pixel_spacing_mm=np.where(np.arange(len(manifest)) < 2, np.nan, spacing_mm))  # two without spacing
     measured_path = tmp_path / "measured.csv"
     measured.to_csv(measured_path, index=False)
+    # Calibrate also stored int8 ranges, and measured the split in int8: compare with the same int8 model without the line.
+    calibrated_payload = load_model(calibrated)[2]
+    int8_without_line = str(tmp_path / "int8_without_line.pt")
+    save_model(int8_without_line, payload["state_dict"], config, int8_quantization=calibrated_payload["int8_quantization"])
     outputs = {}
-    for name, path in (("plain", uncalibrated), ("calibrated", calibrated)):
+    for name, path in (("plain", int8_without_line), ("calibrated", calibrated)):
         run_inference(InferOptions(output_dir=str(tmp_path / name), manifest=str(measured_path), model_path=path, actors=1))
         outputs[name] = read_predictions(str(tmp_path / name)).set_index("image_path").loc[manifest["image_path"]]
     plain, corrected = outputs["plain"], outputs["calibrated"]
     assert (plain["size_calibration_scale"] == 1.0).all()
+    assert (plain["precision"] == "int8").all() and (corrected["precision"] == "int8").all() and fit["measured_in"] == "int8"
     expected_scale = line.scale(plain["hc_ellipse_mm"].to_numpy())
     np.testing.assert_allclose(corrected["size_calibration_scale"].to_numpy(), np.where(np.isnan(plain["hc_ellipse_mm"]), 1.0, expected_scale))
     np.testing.assert_allclose(corrected["hc_ellipse_px"], plain["hc_ellipse_px"] * corrected["size_calibration_scale"], rtol=1e-9)

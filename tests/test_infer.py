@@ -19,7 +19,7 @@ from test_imaging import GRAY, make_dicom
 
 CONTRACT_COLUMNS = [
     "image_path", "status", "error", *LANDMARK_COLUMNS, "ofd_px", "bpd_px", "hc_px", "hc_ellipse_px",
-    "pixel_spacing_mm", "ofd_mm", "bpd_mm", "hc_mm", "hc_ellipse_mm", "confidence", "size_calibration_scale", "model_sha256", "fetalpipe_version",
+    "pixel_spacing_mm", "ofd_mm", "bpd_mm", "hc_mm", "hc_ellipse_mm", "confidence", "size_calibration_scale", "model_sha256", "precision", "fetalpipe_version",
 ]
 
 

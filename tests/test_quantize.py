@@ -1,0 +1,93 @@
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import SAMPLE_MANIFEST
+from fetalpipe.imaging import read_image, resize_to_model
+from fetalpipe.infer import InferOptions, load_inference_model, read_predictions, resolve_precision, run_inference
+from fetalpipe.model import to_model_input
+from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model, read_model_header, save_model
+from fetalpipe.quantize import _prepared, observe_quantization, to_int8
+
+
+def sample_images(input_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The embedded sample in model input pixels, and each image's original (width, height)."""
+    manifest = pd.read_csv(SAMPLE_MANIFEST)
+    decoded = [read_image(os.path.join(os.path.dirname(SAMPLE_MANIFEST), path)).pixels for path in manifest["image_path"]]
+    images = np.stack([resize_to_model(pixels, input_size)[0] for pixels in decoded])
+    return images, np.array([[pixels.shape[1], pixels.shape[0]] for pixels in decoded])
+
+
+def test_shipped_int8_model_measures_like_fp32():
+    """The shipped file runs in int8 (quantized convolutions), and its landmarks stay within a pixel or two of fp32's."""
+    fp32, config, _ = load_inference_model(DEFAULT_MODEL_PATH, "fp32")
+    int8, _, _ = load_inference_model(DEFAULT_MODEL_PATH, "int8")
+    assert any(isinstance(module, torch.ao.nn.quantized.Conv2d) for module in int8.modules())
+    assert not any(isinstance(module, torch.ao.nn.quantized.Conv2d) for module in fp32.modules())
+    images, original_sizes = sample_images(config.input_size)
+    codec = config.codec()
+    with torch.inference_mode():
+        points = {name: codec.decode(model(to_model_input(images)).numpy(), original_sizes)[0] for name, model in (("fp32", fp32), ("int8", int8))}
+    distance_px = np.linalg.norm(points["int8"] - points["fp32"], axis=-1)  # model input pixels, same codec
+    assert np.isfinite(distance_px).all()
+    assert np.median(distance_px) < 0.5 and distance_px.max() < 3.0
+
+
+def test_stored_quantization_rebuilds_the_calibrated_int8_model_exactly(tmp_path):
+    """Scales and zero points are chosen by histograms once and stored; the model rebuilt from the file computes exactly
+    what the histogram-calibrated model computes, and parameters that do not fit the architecture are refused."""
+    model, config, payload = load_model(DEFAULT_MODEL_PATH)
+    images, _ = sample_images(config.input_size)
+    quantization = observe_quantization(load_model(DEFAULT_MODEL_PATH)[0], images[:8])
+    scales, zero_points = np.array(list(quantization.values())).T
+    assert (scales > 0).all() and ((zero_points >= 0) & (zero_points <= 255)).all()
+    assert (zero_points == 0).sum() >= len(zero_points) // 2  # conv+ReLU fused: those outputs start at 0
+
+    from torch.ao.quantization import HistogramObserver
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    histogram_model = _prepared(load_model(DEFAULT_MODEL_PATH)[0], config.input_size, HistogramObserver)
+    with torch.inference_mode():
+        histogram_model(to_model_input(images[:8]))
+    histogram_model = convert_fx(histogram_model)
+
+    path = str(tmp_path / "with_quantization.pt")
+    save_model(path, payload["state_dict"], config, int8_quantization=quantization)
+    assert read_model_header(path)["int8_quantization"] == quantization  # plain numbers: the torch-free header reads them
+    rebuilt, _, _ = load_inference_model(path, "int8")
+    batch = to_model_input(images[8:16])
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt(batch), histogram_model(batch), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="do not fit this architecture"):
+        to_int8(model, dict(list(quantization.items())[1:]), config.input_size)
+
+
+def test_precision_is_chosen_once_recorded_per_row_and_part_of_the_resume_key(ray_local, tiny_model_path, tmp_path):
+    shipped, tiny = read_model_header(DEFAULT_MODEL_PATH), read_model_header(tiny_model_path)
+    assert resolve_precision("auto", shipped) == "int8" and resolve_precision("auto", tiny) == "fp32"
+    assert resolve_precision("fp32", shipped) == "fp32"
+    with pytest.raises(ValueError, match="no int8 quantization parameters"):
+        resolve_precision("int8", tiny)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("bf16", shipped)
+
+    manifest = pd.read_csv(SAMPLE_MANIFEST).head(4)
+    manifest["image_path"] = [os.path.join(os.path.dirname(SAMPLE_MANIFEST), p) for p in manifest["image_path"]]
+    manifest_path = str(tmp_path / "four.csv")
+    manifest.to_csv(manifest_path, index=False)
+    output = str(tmp_path / "out")
+    options = dict(output_dir=output, manifest=manifest_path, actors=1)
+    assert run_inference(InferOptions(**options))["processed_this_run"] == 4
+    assert (read_predictions(output)["precision"] == "int8").all()
+    # Another precision measures differently: its rows are redone, not taken as done.
+    assert run_inference(InferOptions(**options, precision="fp32"))["processed_this_run"] == 4
+    rows = read_predictions(output)
+    assert len(rows) == 4 and (rows["precision"] == "fp32").all()
+    assert run_inference(InferOptions(**options, precision="fp32"))["processed_this_run"] == 0
+
+    from fetalpipe.cli import main
+
+    assert main(["infer", "--manifest", manifest_path, "--output", str(tmp_path / "x"), "--model", tiny_model_path, "--precision", "int8"]) == 2
