@@ -53,9 +53,15 @@ def _prepared(model: nn.Module, input_size: int, activation_observer, engine: st
         raise Int8Unavailable(f"int8 inference needs PyTorch's {engine!r} quantized engine; this build has {torch.backends.quantized.supported_engines}")
     torch.backends.quantized.engine = engine
     example = torch.zeros(1, 1, input_size, input_size)
-    with warnings.catch_warnings():  # torch.ao's FX quantization announces its move to torchao on every call
-        warnings.simplefilter("ignore")
-        return prepare_fx(_without_identities(fold_batchnorm(model.eval())), _qconfig_mapping(activation_observer), example_inputs=(example,))
+    # No stack trace per traced op: recording them imports torch._dynamo and torch._inductor, 1.9 s of each actor's start.
+    stack_traces_setting = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's FX quantization announces its move to torchao on every call
+            return prepare_fx(_without_identities(fold_batchnorm(model.eval())), _qconfig_mapping(activation_observer), example_inputs=(example,))
+    finally:
+        torch.fx.config.do_not_emit_stack_traces = stack_traces_setting
 
 
 def _observers(prepared: nn.Module) -> dict[str, nn.Module]:
