@@ -111,6 +111,7 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as folder:
         manifest = build_archive(args.hc18, args.copies, folder)
+        os.sync()  # the archive's writeback would otherwise land in the first timed run
         paths = pd.read_csv(manifest)["image_path"].tolist()
         for repeat in range(args.repeats):
             run = {"infer": {}}

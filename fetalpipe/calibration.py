@@ -112,7 +112,7 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
         **calibration.to_dict(), "manifest": manifest_path, "split": "train",
         "train_hc_mae_mm_before": float(np.nanmean(np.abs(measured - reference))),
         "train_hc_mae_mm_after": float(np.nanmean(np.abs(calibrated - reference))),
-        "measured_in": "int8", "int8_range_images": len(chosen),
+        "measured_in": "int8", "int8_parameter_images": len(chosen),
     }
     save_model(output_path, payload["state_dict"], config, metrics=payload.get("metrics"), training=payload.get("training"), calibration=summary,
                int8_quantization=int8_quantization)

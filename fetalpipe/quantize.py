@@ -1,7 +1,7 @@
 """int8 inference: post-training static quantization of the U-Net's convolutions (PyTorch FX graph mode, oneDNN kernels).
 
-On the 2-core AVX2 machine the forward pass of the shipped model takes about half the time of fp32 channels_last
-(`bench/int8_bench.py`), and validation HC MAE moves by a few thousandths of a millimetre (docs/experiments.md note 10).
+On the 2-core AVX2 machine the forward pass of the shipped model takes 0.5-0.6 of the time of fp32 channels_last
+(`bench/int8_bench.py`), and validation HC MAE moves by 0.02 mm (docs/experiments.md note 10).
 Activation scales and zero points are chosen once, on training images, by `fetalpipe calibrate`, and stored in the
 model file; every actor then builds the same int8 model from the fp32 weights and those parameters, so results do
 not depend on which images an actor happened to see first.
@@ -50,7 +50,8 @@ def _prepared(model: nn.Module, input_size: int, activation_observer, engine: st
     from fetalpipe.model import fold_batchnorm
 
     if engine not in torch.backends.quantized.supported_engines:
-        raise Int8Unavailable(f"int8 inference needs PyTorch's {engine!r} quantized engine; this build has {torch.backends.quantized.supported_engines}")
+        raise Int8Unavailable(f"int8 inference needs PyTorch's {engine!r} quantized engine; this build has "
+                              f"{torch.backends.quantized.supported_engines}: use --precision fp32")
     torch.backends.quantized.engine = engine
     example = torch.zeros(1, 1, input_size, input_size)
     # No stack trace per traced op: recording them imports torch._dynamo and torch._inductor, 1.9 s of each actor's start.
@@ -86,7 +87,11 @@ def observe_quantization(model: nn.Module, images: np.ndarray, batch_size: int =
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             prepared(to_model_input(images[start:start + batch_size]))
-    return {name: [float(observer.calculate_qparams()[0]), int(observer.calculate_qparams()[1])] for name, observer in _observers(prepared).items()}
+    quantization = {}
+    for name, observer in _observers(prepared).items():
+        scale, zero_point = observer.calculate_qparams()  # the histogram search: once per observer
+        quantization[name] = [float(scale), int(zero_point)]
+    return quantization
 
 
 def to_int8(model: nn.Module, quantization: dict[str, list[float]], input_size: int, engine: str = INT8_ENGINE) -> nn.Module:

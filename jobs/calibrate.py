@@ -1,4 +1,4 @@
-"""Ray job entry point for the size calibration: `ray job submit --working-dir . -- python jobs/calibrate.py --model … --manifest … --output …`.
+"""Ray job entry point for calibration (int8 parameters and the size line): `ray job submit --working-dir . -- python jobs/calibrate.py --model … --manifest … --output …`.
 
 Same arguments as `fetalpipe calibrate`. Inside a submitted job RAY_ADDRESS is set, so it joins the cluster."""
 
