@@ -297,7 +297,8 @@ def run_inference(options: InferOptions) -> dict:
     pending_mask = np.array([path not in done_hash or done_hash[path] != content_hash(path) for path in inputs["image_path"]], dtype=bool)
     pending = inputs[pending_mask].reset_index(drop=True)
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    print(f"fetalpipe infer: {len(inputs)} inputs, {len(inputs) - len(pending)} already done, {len(pending)} to process", flush=True)
+    hint = "" if precision == "int8" or options.precision == "fp32" else " (this model file has no int8 parameters: `fetalpipe calibrate` adds them)"
+    print(f"fetalpipe infer: {len(inputs)} inputs, {len(inputs) - len(pending)} already done, {len(pending)} to process in {precision}{hint}", flush=True)
 
     pipeline_seconds = 0.0
     if len(pending):

@@ -65,7 +65,7 @@ def test_stored_quantization_rebuilds_the_calibrated_int8_model_exactly(tmp_path
         to_int8(model, dict(list(quantization.items())[1:]), config.input_size)
 
 
-def test_precision_is_chosen_once_recorded_per_row_and_part_of_the_resume_key(ray_local, tiny_model_path, tmp_path):
+def test_precision_is_chosen_once_recorded_per_row_and_part_of_the_resume_key(ray_local, tiny_model_path, tmp_path, capsys):
     shipped, tiny = read_model_header(DEFAULT_MODEL_PATH), read_model_header(tiny_model_path)
     assert resolve_precision("auto", shipped) == "int8" and resolve_precision("auto", tiny) == "fp32"
     assert resolve_precision("fp32", shipped) == "fp32"
@@ -82,11 +82,17 @@ def test_precision_is_chosen_once_recorded_per_row_and_part_of_the_resume_key(ra
     options = dict(output_dir=output, manifest=manifest_path, actors=1)
     assert run_inference(InferOptions(**options))["processed_this_run"] == 4
     assert (read_predictions(output)["precision"] == "int8").all()
+    assert "4 to process in int8\n" in capsys.readouterr().out
     # Another precision measures differently: its rows are redone, not taken as done.
     assert run_inference(InferOptions(**options, precision="fp32"))["processed_this_run"] == 4
     rows = read_predictions(output)
     assert len(rows) == 4 and (rows["precision"] == "fp32").all()
     assert run_inference(InferOptions(**options, precision="fp32"))["processed_this_run"] == 0
+
+    # A model without int8 parameters runs in fp32, and the job says how to get int8.
+    run_inference(InferOptions(output_dir=str(tmp_path / "tiny"), manifest=manifest_path, model_path=tiny_model_path, actors=1))
+    assert "to process in fp32 (this model file has no int8 parameters: `fetalpipe calibrate` adds them)" in capsys.readouterr().out
+    assert (read_predictions(str(tmp_path / "tiny"))["precision"] == "fp32").all()
 
     from fetalpipe.cli import main
 
