@@ -108,7 +108,7 @@ def resolve_precision(requested: str, model_header: dict) -> str:
     has_quantization = bool(model_header.get("int8_quantization"))
     if requested == "int8" and not has_quantization:
         raise ValueError("this model file has no int8 quantization parameters: run `fetalpipe calibrate` on it, or use --precision fp32")
-    return "int8" if requested == "int8" or (requested == "auto" and has_quantization) else "fp32"
+    return "fp32" if requested == "fp32" or not has_quantization else "int8"
 
 
 def load_inference_model(model_path: str, precision: str):
@@ -297,7 +297,7 @@ def run_inference(options: InferOptions) -> dict:
     pending_mask = np.array([path not in done_hash or done_hash[path] != content_hash(path) for path in inputs["image_path"]], dtype=bool)
     pending = inputs[pending_mask].reset_index(drop=True)
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    hint = "" if precision == "int8" or options.precision == "fp32" else " (this model file has no int8 parameters: `fetalpipe calibrate` adds them)"
+    hint = " (this model file has no int8 parameters: `fetalpipe calibrate` adds them)" if options.precision == "auto" and precision == "fp32" else ""
     print(f"fetalpipe infer: {len(inputs)} inputs, {len(inputs) - len(pending)} already done, {len(pending)} to process in {precision}{hint}", flush=True)
 
     pipeline_seconds = 0.0
