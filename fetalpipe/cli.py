@@ -36,8 +36,26 @@ def _cmd_train(args) -> int:
         max_failures=args.max_failures, ray_address=args.address,
     )
     print(json.dumps(result, indent=2, default=float))
-    print(f"model: {os.path.join(args.output, 'model.pt')}")
+    trained = os.path.join(args.output, "model.pt")
+    print(f"model: {trained}")
+    if args.calibrate:
+        _calibrate_after_training(trained, args)
     return 0
+
+
+def _calibrate_after_training(trained: str, args) -> None:
+    """`calibrate` on the new model (int8 parameters and the size line), into RUN_DIR/model_calibrated.pt: the file to
+    run `infer` with. A manifest it cannot calibrate on (no training-split image, no pixel spacing, too few heads found)
+    leaves the trained model as it is, and says why."""
+    from fetalpipe.calibration import calibrate_model
+
+    calibrated = os.path.join(args.output, "model_calibrated.pt")
+    try:
+        summary = calibrate_model(trained, args.manifest, calibrated, ray_address=args.address)
+    except ValueError as error:
+        print(f"fetalpipe train: not calibrated ({error}); `infer` runs {trained} in fp32 without a size correction", flush=True)
+        return
+    print(f"calibrated model (int8, size line {summary['intercept_mm']:+.3f} mm {summary['slope']:+.5f} × HC): {calibrated}")
 
 
 def _cmd_infer(args) -> int:
@@ -106,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--lr", type=float)
     command.add_argument("--config", default="seed", help="seed | fast | a YAML/JSON file")
     command.add_argument("--max-failures", type=int, default=2)
+    command.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                         help="skip the calibration that follows training (int8 parameters and size line into RUN_DIR/model_calibrated.pt)")
     command.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
     command.set_defaults(handler=_cmd_train)
 

@@ -113,3 +113,39 @@ def test_calibrate_fits_on_the_training_split_and_infer_applies_it(ray_local, tm
     measured_mm = plain["hc_ellipse_px"].to_numpy() * spacing_mm  # the spacing the calibration saw
     refit = SizeCalibration.fit(measured_mm[is_train], manifest["hc_mm"].to_numpy()[is_train])
     assert refit.intercept_mm == pytest.approx(line.intercept_mm, abs=1e-6) and refit.slope == pytest.approx(line.slope, abs=1e-9)
+
+
+def test_train_command_calibrates_its_model_or_says_why_not(ray_local, monkeypatch, tmp_path, capsys):
+    """`fetalpipe train` ends with `calibrate` into RUN_DIR/model_calibrated.pt. Training itself is replaced by copying the
+    shipped weights (without int8 parameters or line) into RUN_DIR: the calibration step is what is under test."""
+    import fetalpipe.train
+    from fetalpipe.cli import main
+    from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model, read_model_header, save_model
+
+    model, config, payload = load_model(DEFAULT_MODEL_PATH)
+
+    def fake_training(manifest_path, run_dir, train_config, **options):
+        os.makedirs(run_dir, exist_ok=True)
+        save_model(os.path.join(run_dir, "model.pt"), payload["state_dict"], config)
+        return {"best_epoch": 1}
+
+    monkeypatch.setattr(fetalpipe.train, "run_training", fake_training)
+    manifest = pd.read_csv(SAMPLE_MANIFEST)
+    manifest["image_path"] = [os.path.join(os.path.dirname(SAMPLE_MANIFEST), p) for p in manifest["image_path"]]
+    manifest["subject_id"] = [f"subject-{index}" for index in range(len(manifest))]  # most in the training split, as above
+    manifest_path = tmp_path / "manifest.csv"
+    manifest.to_csv(manifest_path, index=False)
+
+    assert main(["train", "--manifest", str(manifest_path), "--output", str(tmp_path / "run")]) == 0
+    header = read_model_header(str(tmp_path / "run" / "model_calibrated.pt"))
+    assert header["int8_quantization"] and header["calibration"]["measured_in"] == "int8"
+    assert "calibrated model (int8" in capsys.readouterr().out
+    assert "int8_quantization" not in read_model_header(str(tmp_path / "run" / "model.pt"))  # the trained file stays as trained
+
+    # The sample as shipped has no image in the training split: the model is trained, not calibrated, and the job says why.
+    assert main(["train", "--manifest", SAMPLE_MANIFEST, "--output", str(tmp_path / "run2")]) == 0
+    out = capsys.readouterr().out
+    assert "not calibrated (" in out and "no image is in the training split" in out
+    assert not os.path.exists(tmp_path / "run2" / "model_calibrated.pt")
+    assert main(["train", "--manifest", str(manifest_path), "--output", str(tmp_path / "run3"), "--no-calibrate"]) == 0
+    assert not os.path.exists(tmp_path / "run3" / "model_calibrated.pt")
