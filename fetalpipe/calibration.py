@@ -99,10 +99,12 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
                int8_quantization=int8_quantization)
     split_manifest = os.path.join(work_dir, "train_split.csv")
     train_table.to_csv(split_manifest, index=False)  # load_manifest made the image paths absolute
-    run_inference(InferOptions(output_dir=os.path.join(work_dir, "inference"), manifest=split_manifest, model_path=uncalibrated,
-                               overwrite=True, ray_address=ray_address, precision="int8"))
-    evaluate_predictions(os.path.join(work_dir, "inference"), split_manifest, os.path.join(work_dir, "report"))
-    os.remove(uncalibrated)
+    try:
+        run_inference(InferOptions(output_dir=os.path.join(work_dir, "inference"), manifest=split_manifest, model_path=uncalibrated,
+                                   overwrite=True, ray_address=ray_address, precision="int8"))
+        evaluate_predictions(os.path.join(work_dir, "inference"), split_manifest, os.path.join(work_dir, "report"))
+    finally:  # also when no head was found in the split (evaluate refuses): the temporary model never stays behind
+        os.remove(uncalibrated)
     errors = pd.read_csv(os.path.join(work_dir, "report", "per_image_errors.csv"))
     measured = (errors["reference_hc_mm"] + errors["hc_ellipse_diff_mm"]).to_numpy()
     reference = errors["reference_hc_mm"].to_numpy()
