@@ -32,16 +32,6 @@ def _qconfig_mapping(activation_observer):
     return QConfigMapping().set_global(per_tensor).set_object_type(nn.ConvTranspose2d, None).set_module_name("head", None)
 
 
-def _without_identities(model: nn.Module) -> nn.Module:
-    """Drop the Identity that `fold_batchnorm` leaves between each conv and its ReLU, so the quantizer fuses the
-    pair into one int8 conv+ReLU whose output range starts at 0 (twice the resolution, one pass fewer)."""
-    for module in list(model.modules()):
-        if isinstance(module, nn.Sequential):
-            for name in [name for name, child in module.named_children() if isinstance(child, nn.Identity)]:
-                del module._modules[name]
-    return model
-
-
 def _prepared(model: nn.Module, input_size: int, activation_observer, engine: str = INT8_ENGINE) -> nn.Module:
     """The fp32 model (BatchNorm folded) with an observer after every op that will run in int8. The engine is
     process-wide in PyTorch; it is set here because the weights are packed for it when the model is converted."""
@@ -60,7 +50,7 @@ def _prepared(model: nn.Module, input_size: int, activation_observer, engine: st
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's FX quantization announces its move to torchao on every call
-            return prepare_fx(_without_identities(fold_batchnorm(model.eval())), _qconfig_mapping(activation_observer), example_inputs=(example,))
+            return prepare_fx(fold_batchnorm(model.eval()), _qconfig_mapping(activation_observer), example_inputs=(example,))
     finally:
         torch.fx.config.do_not_emit_stack_traces = stack_traces_setting
 
