@@ -28,9 +28,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fetalpipe.heatmaps import HeatmapCodec  # noqa: E402
-from fetalpipe.imaging import read_image, resize_to_model  # noqa: E402
-from fetalpipe.infer import FORWARD_BATCH, load_inference_model, resolve_precision  # noqa: E402
-from fetalpipe.model import MODEL_CONFIGS, HeatmapUNet, to_model_input  # noqa: E402
+from fetalpipe.infer import LandmarkPredictor, resolve_precision  # noqa: E402
+from fetalpipe.model import MODEL_CONFIGS, HeatmapUNet  # noqa: E402
 from fetalpipe.model_io import DEFAULT_MODEL_PATH, read_model_header  # noqa: E402
 
 
@@ -63,17 +62,13 @@ def seed_style_loop(paths: list[str], batch_size: int = 8) -> float:
 
 
 def plain_loop(paths: list[str], model_path: str, batch_size: int, precision: str) -> float:
-    """The shipped model and settings (the same precision), in one process, no Ray."""
+    """The shipped model and settings (the same precision, both stages), in one process, no Ray: the actors' own
+    class called on batches of rows, so decoding, both stages, the size line and the review flag are all included."""
     started = time.perf_counter()  # model load included, as in the actors
-    model, config, _ = load_inference_model(model_path, precision)
-    codec = config.codec()
+    predictor = LandmarkPredictor(model_path, threads=torch.get_num_threads(), precision=precision)
     for start in range(0, len(paths), batch_size):
-        decoded = [read_image(p).pixels for p in paths[start:start + batch_size]]
-        images = np.stack([resize_to_model(pixels, config.input_size)[0] for pixels in decoded])
-        sizes = np.array([[pixels.shape[1], pixels.shape[0]] for pixels in decoded])
-        with torch.inference_mode():  # forward passes of FORWARD_BATCH images, as the actors do
-            heatmaps = np.concatenate([model(to_model_input(images[i:i + FORWARD_BATCH])).numpy() for i in range(0, len(images), FORWARD_BATCH)])
-        codec.decode(heatmaps, sizes)
+        chunk = paths[start:start + batch_size]
+        predictor({"image_path": np.array(chunk, dtype=object), "pixel_spacing_mm": np.full(len(chunk), np.nan), "run_id": np.full(len(chunk), "plain", dtype=object)})
     return len(paths) / (time.perf_counter() - started)
 
 

@@ -45,3 +45,40 @@ def random_intensity(image: np.ndarray, config: AugmentConfig, rng: np.random.Ge
     gamma = rng.uniform(*config.gamma_range)
     contrast = rng.uniform(*config.contrast_range)
     return np.clip((np.clip(image, 0.0, 1.0) ** gamma) * contrast, 0.0, 1.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class AcquisitionAugmentConfig:
+    """The refinement stage's augmentation: how archive scans differ from HC18's clean frames. Geometry needs none
+    (the polar crop follows the prior ellipse: any orientation, size and pixel spacing look alike there)."""
+
+    flip_probability: float = 0.5  # mirror image (the outline's handedness)
+    gamma_range: tuple[float, float] = (0.6, 1.6)
+    gain_range: tuple[float, float] = (0.7, 1.3)
+    resample_probability: float = 0.2  # down to 0.4-0.9 of the size and back: a coarser scanner or an upscaled export
+    jpeg_probability: float = 0.2  # JPEG quality 20-70
+    speckle_probability: float = 0.3  # multiplicative speckle, sd 0.1-0.4
+    noise_probability: float = 0.3  # additive noise, sd 0.02-0.08
+
+
+def degrade_acquisition(pixels: np.ndarray, config: AcquisitionAugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [H, W] original image -> uint8 [H, W]: resolution loss and JPEG artefacts (before the polar crop)."""
+    height, width = pixels.shape
+    if rng.random() < config.resample_probability:
+        factor = rng.uniform(0.4, 0.9)
+        small = cv2.resize(pixels, (max(int(width * factor), 2), max(int(height * factor), 2)), interpolation=cv2.INTER_AREA)
+        pixels = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+    if rng.random() < config.jpeg_probability:
+        _, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(20, 71))])
+        pixels = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE)
+    return pixels
+
+
+def degrade_intensity(crop: np.ndarray, config: AcquisitionAugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """float32 crop in [0, 1] -> gain, gamma, speckle and noise changed copy in [0, 1]."""
+    crop = np.clip(crop, 0.0, 1.0) ** rng.uniform(*config.gamma_range) * rng.uniform(*config.gain_range)
+    if rng.random() < config.speckle_probability:
+        crop = crop * np.clip(1 + rng.normal(0, rng.uniform(0.1, 0.4), crop.shape), 0, None)
+    if rng.random() < config.noise_probability:
+        crop = crop + rng.normal(0, rng.uniform(0.02, 0.08), crop.shape)
+    return np.clip(crop, 0.0, 1.0).astype(np.float32)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from fetalpipe.biometry import biometry_mm
+from fetalpipe.review import ReviewRule
 
 # A correction is a few mm on heads of 100-350 mm; a factor outside this range means a measurement the line was never fitted on.
 SCALE_LIMITS = (0.95, 1.05)
@@ -67,7 +68,8 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
     """Choose int8 quantization parameters on up to `quantize.CALIBRATION_IMAGES` images of the training split of
     `manifest_path` (the split the model was trained on), measure the whole split with that int8 model, fit the size
     line, and write the model with both to `output_path` (inference then runs in int8 by default; the line is fitted
-    on what int8 inference measures). The measurement stays in OUTPUT.calibration/
+    on what int8 inference measures), fit the review flag's thresholds (`review.ReviewRule`) on the same measurement,
+    and write all three into the model file. The measurement stays in OUTPUT.calibration/
     (predictions and an evaluate report of the training split); like any inference output it must be on storage
     every node can reach. Returns the fit and the split's HC MAE before and after."""
     import pandas as pd
@@ -96,7 +98,7 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
     int8_quantization = observe_quantization(model, images)
     uncalibrated = os.path.join(work_dir, "uncalibrated_model.pt")
     save_model(uncalibrated, payload["state_dict"], config, metrics=payload.get("metrics"), training=payload.get("training"),
-               int8_quantization=int8_quantization)
+               int8_quantization=int8_quantization, refinement_state_dict=payload.get("refinement_state_dict"))
     split_manifest = os.path.join(work_dir, "train_split.csv")
     train_table.to_csv(split_manifest, index=False)  # load_manifest made the image paths absolute
     try:
@@ -110,12 +112,16 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
     reference = errors["reference_hc_mm"].to_numpy()
     calibration = SizeCalibration.fit(measured, reference)
     calibrated = measured * calibration.scale(measured)
+    # The review thresholds, on the same measurement: signals after the size correction would move only the size-based
+    # ones by a percent, so the uncorrected rows are used as they are; the errors are the corrected ones.
+    review_rule = ReviewRule.fit(errors, np.abs(calibrated - reference))
     summary = {
         **calibration.to_dict(), "manifest": manifest_path, "split": "train",
         "train_hc_mae_mm_before": float(np.nanmean(np.abs(measured - reference))),
         "train_hc_mae_mm_after": float(np.nanmean(np.abs(calibrated - reference))),
         "measured_in": "int8", "int8_parameter_images": len(chosen),
     }
+    summary["review"] = review_rule.fit_report
     save_model(output_path, payload["state_dict"], config, metrics=payload.get("metrics"), training=payload.get("training"), calibration=summary,
-               int8_quantization=int8_quantization)
+               int8_quantization=int8_quantization, refinement_state_dict=payload.get("refinement_state_dict"), review=review_rule.to_dict())
     return summary

@@ -33,7 +33,7 @@ def _cmd_train(args) -> int:
     config = resolve_config(args.config, {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr})
     result = run_training(
         args.manifest, args.output, config, workers=args.workers, threads_per_worker=args.threads_per_worker,
-        max_failures=args.max_failures, ray_address=args.address,
+        max_failures=args.max_failures, ray_address=args.address, stage1_model=args.stage1_model,
     )
     print(json.dumps(result, indent=2, default=float))
     trained = os.path.join(args.output, "model.pt")
@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--epochs", type=int)
     command.add_argument("--batch-size", type=int)
     command.add_argument("--lr", type=float)
-    command.add_argument("--config", default="seed", help="seed | fast | a YAML/JSON file")
+    command.add_argument("--config", default="seed", help="seed | fast | ellipse | ellipse_deep | ellipse_refine | a YAML/JSON file")
+    command.add_argument("--stage1-model", help="with a refinement config: take stage 1 from this model file instead of training it")
     command.add_argument("--max-failures", type=int, default=2)
     command.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                          help="skip the calibration that follows training (int8 parameters and size line into RUN_DIR/model_calibrated.pt)")

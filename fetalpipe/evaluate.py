@@ -12,6 +12,7 @@ import pandas as pd
 
 from fetalpipe import LANDMARK_COLUMNS
 from fetalpipe.biometry import biometry_mm
+from fetalpipe.review import LARGE_ERROR_MM
 
 SDR_THRESHOLDS_MM = (2.0, 2.5, 3.0, 4.0)
 
@@ -95,13 +96,14 @@ def bland_altman_plot(errors: pd.DataFrame, predicted_column: str, path: str) ->
 
 def evaluate_predictions(predictions_dir: str, manifest_path: str, output_dir: str) -> dict[str, float]:
     """`fetalpipe evaluate`: join predictions to the reference manifest by image path, write the report."""
-    from fetalpipe.infer import read_predictions
+    from fetalpipe.infer import REVIEW_SIGNAL_COLUMNS, read_predictions
     from fetalpipe.manifest import landmarks_original_px, load_manifest
 
     reference = load_manifest(manifest_path, require_landmarks=True)
     predictions = read_predictions(predictions_dir)
     ok = predictions[predictions["status"] == "ok"]
-    joined = reference.merge(ok[["image_path", *LANDMARK_COLUMNS]], on="image_path", how="inner", suffixes=("_ref", ""))
+    review_columns = [c for c in ("needs_review", "review_reason", *REVIEW_SIGNAL_COLUMNS, "confidence") if c in ok.columns]
+    joined = reference.merge(ok[["image_path", *LANDMARK_COLUMNS, *review_columns]], on="image_path", how="inner", suffixes=("_ref", ""))
     if joined.empty:
         raise ValueError("no prediction matches a manifest image_path")
     reference_points = joined[[f"{c}_ref" for c in LANDMARK_COLUMNS]].to_numpy(dtype=np.float64).reshape(-1, 4, 2)
@@ -110,7 +112,15 @@ def evaluate_predictions(predictions_dir: str, manifest_path: str, output_dir: s
     reference_hc = joined["hc_mm"].to_numpy(dtype=np.float64) if "hc_mm" in joined else None
     errors = per_image_errors(predicted_points, reference_points, spacing, reference_hc)
     errors.insert(0, "image_path", joined["image_path"].to_numpy())
+    for column in review_columns:
+        errors[column] = joined[column].to_numpy()
     summary = summarize(errors)
+    large = errors["hc_ellipse_diff_mm"].abs() > LARGE_ERROR_MM
+    summary[f"hc_ellipse_images_over_{LARGE_ERROR_MM:g}mm"] = int(large.sum())
+    if "needs_review" in errors:
+        flagged = errors["needs_review"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
+        summary["flagged_fraction"] = float(flagged.mean())
+        summary[f"flagged_of_images_over_{LARGE_ERROR_MM:g}mm"] = float(flagged[large.to_numpy()].mean()) if large.any() else None
     summary["images_missing_prediction"] = int(len(reference) - len(joined))
     os.makedirs(output_dir, exist_ok=True)
     errors.to_csv(os.path.join(output_dir, "per_image_errors.csv"), index=False)

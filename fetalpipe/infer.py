@@ -29,10 +29,12 @@ from fetalpipe.biometry import biometry_mm
 from fetalpipe.imaging import ResizeTransform
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+# The review flag's inputs (`fetalpipe.review`); stage 1's `confidence` is the seventh.
+REVIEW_SIGNAL_COLUMNS = ("stage_disagreement", "outline_fit_residual", "outline_uncertainty", "outline_outside_frame", "axis_ratio", "head_size_fraction")
 BIOMETRY_COLUMNS = ("ofd_px", "bpd_px", "hc_px", "hc_ellipse_px", "ofd_mm", "bpd_mm", "hc_mm", "hc_ellipse_mm")
 OUTPUT_COLUMNS = (
     "image_path", "status", "error", *LANDMARK_COLUMNS, *BIOMETRY_COLUMNS[:4], "pixel_spacing_mm", *BIOMETRY_COLUMNS[4:],
-    "confidence", "size_calibration_scale", "model_sha256", "precision", "fetalpipe_version", "file_sha256", "original_width", "original_height", "run_id",
+    "confidence", "needs_review", "review_reason", *REVIEW_SIGNAL_COLUMNS, "size_calibration_scale", "model_sha256", "precision", "fetalpipe_version", "file_sha256", "original_width", "original_height", "run_id",
 )
 # Share of a CPU each stage asks Ray for: the model takes most of the time, decoding the rest.
 DECODE_CPUS = 0.25
@@ -137,11 +139,19 @@ class LandmarkPredictor:
         from fetalpipe.calibration import SizeCalibration
         from fetalpipe.model_io import file_sha256
 
+        from fetalpipe.model import prepare_for_inference
+        from fetalpipe.model_io import load_refinement_model
+        from fetalpipe.review import ReviewRule
+
         torch.set_num_threads(threads)
         self.model, self.config, payload = load_inference_model(model_path, precision)
         self.precision = precision
         self.calibration = SizeCalibration.from_dict(payload.get("calibration"))
+        self.review_rule = ReviewRule.from_dict(payload.get("review"))
         self.codec = self.config.codec()
+        refinement = load_refinement_model(self.config, payload, model_path)  # stage 2 runs in fp32 (it is ~1/6 of stage 1's cost)
+        self.refinement = prepare_for_inference(refinement) if refinement is not None else None
+        self.polar_codec = self.config.refinement.codec() if refinement is not None else None
         self.model_sha256 = file_sha256(model_path)
         self.flip_average = flip_average
         self.predictions_dir = predictions_dir
@@ -162,15 +172,50 @@ class LandmarkPredictor:
                 outputs.append(heatmaps.float().numpy())
         return np.concatenate(outputs)
 
+    def refine(self, originals: np.ndarray, stage1_points_px: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Stage 2: [N] uint8 original images and stage 1's [N, 4, 2] endpoints (original pixels) -> refined endpoints
+        (original pixels) and the signals the review flag reads."""
+        import torch
+
+        from fetalpipe import ellipse as ellipse_geometry
+
+        priors = ellipse_geometry.from_endpoints(stage1_points_px)
+        crops = np.stack([self.polar_codec.crop(pixels, prior) for pixels, prior in zip(originals, priors)]) if len(priors) else np.zeros((0, *self.polar_codec.input_shape), np.float32)
+        logits = []
+        with torch.inference_mode():
+            for start in range(0, len(crops), FORWARD_BATCH):
+                tensor = torch.from_numpy(crops[start:start + FORWARD_BATCH, None]).contiguous(memory_format=torch.channels_last)
+                logits.append(self.refinement(tensor)[:, 0].float().numpy())
+        if not logits:
+            return stage1_points_px, {}
+        refined, diagnostics = self.polar_codec.decode(np.concatenate(logits), priors)
+        refined_perimeter = ellipse_geometry.perimeter(refined)
+        signals = {
+            "stage_disagreement": np.abs(refined_perimeter - ellipse_geometry.perimeter(priors)) / refined_perimeter,
+            "outline_fit_residual": diagnostics["fit_residual"],
+            "outline_uncertainty": 1.0 - diagnostics["peak_mass"],
+        }
+        return ellipse_geometry.to_endpoints(refined), signals
+
+    def review(self, signals: dict[str, np.ndarray], confidence: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(needs_review, review_reason) by the model file's rule; error rows and models without a rule: False, ''."""
+        count = len(confidence)
+        if self.review_rule is None:
+            return np.zeros(count, dtype=bool), np.full(count, "", dtype=object)
+        needs_review, reasons = self.review_rule.apply(pd.DataFrame({**signals, "confidence": confidence}))
+        is_ok = np.asarray(status) == "ok"
+        return needs_review & is_ok, np.where(is_ok, reasons, "").astype(object)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" not in batch:  # decode_in="actors": not decoded upstream
             from fetalpipe.preprocess import decode_batch
 
-            batch = decode_batch(batch, self.codec.input_size)
+            batch = decode_batch(batch, self.codec.input_size, keep_original=self.refinement is not None)
         count = len(batch["image_path"])
         points_original = np.full((count, 4, 2), np.nan)
         confidence = np.full(count, np.nan)
         calibration_scale = np.full(count, np.nan)
+        signals = {name: np.full(count, np.nan) for name in REVIEW_SIGNAL_COLUMNS}
         ok = np.flatnonzero(batch["status"] == "ok")
         if len(ok):
             original_sizes = np.stack([batch["original_width"][ok], batch["original_height"][ok]], axis=1)
@@ -179,10 +224,16 @@ class LandmarkPredictor:
                 transform = ResizeTransform(int(batch["original_width"][index]), int(batch["original_height"][index]), self.codec.input_size)
                 points_original[index] = transform.to_original(points_model[slot])
             confidence[ok] = peak_values.mean(axis=1)
+            if self.refinement is not None:
+                found = ok[np.isfinite(points_original[ok]).all(axis=(1, 2))]
+                points_original[found], stage_signals = self.refine(batch["original_pixels"][found], points_original[found])
+                for name, values in stage_signals.items():
+                    signals[name][found] = values
             calibration_scale[ok] = 1.0
             if self.calibration is not None:
                 points_original[ok], calibration_scale[ok] = self.calibration.apply(points_original[ok], batch["pixel_spacing_mm"][ok])
-        output = {key: value for key, value in batch.items() if key != "image"}
+            signals.update(plausibility_signals(points_original, batch["original_width"], batch["original_height"]))
+        output = {key: value for key, value in batch.items() if key not in ("image", "original_pixels")}
         not_found = (batch["status"] == "ok") & np.isnan(points_original).any(axis=(1, 2))
         calibration_scale[not_found] = np.nan
         if not_found.any():
@@ -191,6 +242,8 @@ class LandmarkPredictor:
         output.update({column: points_original.reshape(count, 8)[:, i] for i, column in enumerate(LANDMARK_COLUMNS)})
         output.update(biometry_mm(points_original, batch["pixel_spacing_mm"]))
         output["confidence"] = confidence
+        output["needs_review"], output["review_reason"] = self.review(signals, confidence, output["status"])
+        output.update(signals)
         output["size_calibration_scale"] = calibration_scale  # 1: not calibrated (no calibration in the model, or no spacing)
         output["model_sha256"] = np.full(count, self.model_sha256, dtype=object)
         output["precision"] = np.full(count, self.precision, dtype=object)
@@ -201,6 +254,23 @@ class LandmarkPredictor:
             return output
         write_batch(output, self.predictions_dir)
         return {"rows_written": np.array([count])}
+
+
+def plausibility_signals(points_original_px: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> dict[str, np.ndarray]:
+    """Review signals from the final ellipse alone: how much of it lies outside the frame, its BPD/OFD ratio, and
+    its OFD as a fraction of the image diagonal (NaN where no head was found)."""
+    from fetalpipe import ellipse as ellipse_geometry
+
+    count = len(points_original_px)
+    outside, ratio, size = np.full(count, np.nan), np.full(count, np.nan), np.full(count, np.nan)
+    for index in np.flatnonzero(np.isfinite(points_original_px).all(axis=(1, 2))):
+        fitted = ellipse_geometry.from_endpoints(points_original_px[index])
+        outline = ellipse_geometry.outline(fitted, 180)
+        width, height = float(widths[index]), float(heights[index])
+        outside[index] = float(np.mean((outline[:, 0] < -0.5) | (outline[:, 0] > width - 0.5) | (outline[:, 1] < -0.5) | (outline[:, 1] > height - 0.5)))
+        ratio[index] = fitted[3] / fitted[2] if fitted[2] > 0 else np.nan
+        size[index] = 2 * fitted[2] / np.hypot(width, height)
+    return {"outline_outside_frame": outside, "axis_ratio": ratio, "head_size_fraction": size}
 
 
 def write_batch(rows: dict[str, np.ndarray], predictions_dir: str) -> str:
@@ -305,7 +375,8 @@ def run_inference(options: InferOptions) -> dict:
         connect(options.ray_address)
     if len(pending):
         pipeline_started = time.perf_counter()
-        _run_pipeline(pending, options, model_path, model_config["input_size"], predictions_dir, run_id, precision)
+        _run_pipeline(pending, options, model_path, model_config["input_size"], predictions_dir, run_id, precision,
+                      keep_original=model_config.get("refinement") is not None)
         pipeline_seconds = time.perf_counter() - pipeline_started
 
     # The Parquet folder keeps the newest row of every image ever written to it; the CSV shows this manifest's images.
@@ -318,6 +389,7 @@ def run_inference(options: InferOptions) -> dict:
     os.replace(csv_path + ".tmp", csv_path)
     summary = {
         "rows": int(len(final)), "ok": int((final["status"] == "ok").sum()), "error": int((final["status"] == "error").sum()),
+        "needs_review": int(final["needs_review"].fillna(False).astype(bool).sum()) if "needs_review" in final else 0,
         "processed_this_run": int(len(pending)), "seconds": round(time.perf_counter() - started, 3),
         "pipeline_seconds": round(pipeline_seconds, 3),
         "images_per_second": round(len(pending) / pipeline_seconds, 2) if pipeline_seconds else None,
@@ -325,7 +397,7 @@ def run_inference(options: InferOptions) -> dict:
     run_record = {
         "run_id": run_id, "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "options": asdict(options), "model_path": model_path, "model_sha256": model_sha256,
-        "precision": precision, "versions": _versions(), "counts": {k: summary[k] for k in ("rows", "ok", "error", "processed_this_run")},
+        "precision": precision, "versions": _versions(), "counts": {k: summary[k] for k in ("rows", "ok", "error", "needs_review", "processed_this_run")},
         "timings": {k: summary[k] for k in ("seconds", "pipeline_seconds", "images_per_second")},
     }
     with open(os.path.join(output_dir, "run.json.tmp"), "w") as handle:
@@ -335,7 +407,7 @@ def run_inference(options: InferOptions) -> dict:
 
 
 def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str, input_size: int, predictions_dir: str, run_id: str,
-                  precision: str) -> None:
+                  precision: str, keep_original: bool = False) -> None:
     import ray.data
 
     from fetalpipe.preprocess import decode_batch
@@ -353,7 +425,7 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
     dataset = ray.data.from_items(table.to_dict("records"), override_num_blocks=block_count)
     if options.decode_in == "tasks":
         dataset = dataset.map_batches(
-            functools.partial(decode_batch, input_size=input_size), batch_format="numpy", batch_size=None, num_cpus=DECODE_CPUS,
+            functools.partial(decode_batch, input_size=input_size, keep_original=keep_original), batch_format="numpy", batch_size=None, num_cpus=DECODE_CPUS,
         )
     overlay_dir = None
     if options.overlays:
@@ -423,9 +495,9 @@ def run_demo(output_dir: str, ray_address: str | None = None) -> dict:
     predictions = pd.read_csv(os.path.join(output_dir, "predictions.csv"))
     shown = predictions.assign(image=predictions["image_path"].map(os.path.basename))
     shown = shown.merge(pd.read_csv(sample_manifest).assign(image=lambda t: t["image_path"].map(os.path.basename))[["image", "hc_mm"]].rename(columns={"hc_mm": "reference_hc_mm"}), on="image", how="left")
-    columns = ["image", "status", "bpd_mm", "ofd_mm", "hc_ellipse_mm", "reference_hc_mm", "confidence"]
+    columns = ["image", "status", "bpd_mm", "ofd_mm", "hc_ellipse_mm", "reference_hc_mm", "confidence", "needs_review"]
     print(shown[columns].head(12).to_string(index=False, float_format=lambda v: f"{v:.1f}" if abs(v) >= 1 else f"{v:.2f}"))
-    print(f"... {summary['rows']} rows ({summary['ok']} ok, {summary['error']} error)")
+    print(f"... {summary['rows']} rows ({summary['ok']} ok, {summary['error']} error, {summary['needs_review']} flagged for review)")
     print(f"predictions: {os.path.join(output_dir, 'predictions.csv')} and {os.path.join(output_dir, 'predictions')}/")
     print(f"overlays:    {os.path.join(output_dir, 'overlays')}/")
     return summary

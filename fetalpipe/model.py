@@ -22,6 +22,7 @@ class ModelConfig:
     out_maps: int = 4  # outputs: 4 ordered maps, 2 order-free pair maps, 1 ellipse map or 8 coordinates
     max_width: int = 0  # caps the channel doubling (0 = no cap): deep, cheap levels for global context
     head: str = "heatmap"  # or "coordinates": encoder, global average pool, linear -> out_maps numbers in [0, 1]
+    output: str = "sigmoid"  # or "logits": raw scores (the refinement stage takes a softmax over each row itself)
 
     def widths(self) -> list[int]:
         widths = [self.base_width * 2**level for level in range(self.depth + 1)]
@@ -66,8 +67,9 @@ class AttentionGate(nn.Module):
 
 
 class HeatmapUNet(nn.Module):
-    """[B, 1, S, S] image in [0, 1] -> [B, out_maps, S/stem_stride, S/stem_stride] heatmaps in [0, 1]
-    (or [B, out_maps] coordinates in [0, 1] with the ``coordinates`` head)."""
+    """[B, 1, H, W] image in [0, 1] -> [B, out_maps, H/stem_stride, W/stem_stride] heatmaps in [0, 1] (or logits with
+    ``output="logits"``; or [B, out_maps] coordinates in [0, 1] with the ``coordinates`` head). H and W: multiples of
+    stem_stride × 2**depth."""
 
     def __init__(self, config: ModelConfig = ModelConfig()):
         super().__init__()
@@ -113,7 +115,8 @@ class HeatmapUNet(nn.Module):
             features = upsample(features)
             skip = gate(skip, features) if self.config.attention else skip
             features = decoder(torch.cat([skip, features], dim=1))
-        return torch.sigmoid(self.head(features).float())
+        scores = self.head(features).float()
+        return scores if self.config.output == "logits" else torch.sigmoid(scores)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -17,8 +17,11 @@ class ModelFileError(ValueError):
 
 
 def save_model(path: str, state_dict: dict, train_config, metrics: dict | None = None, training: dict | None = None,
-               calibration: dict | None = None, int8_quantization: dict | None = None) -> None:
-    """`calibration`: a fitted `calibration.SizeCalibration` with its report, applied by inference.
+               calibration: dict | None = None, int8_quantization: dict | None = None, refinement_state_dict: dict | None = None,
+               review: dict | None = None) -> None:
+    """`refinement_state_dict`: the weights of the refinement stage that `train_config.refinement` describes.
+    `review`: the review-flag thresholds fitted by `calibrate` (`review.ReviewRule`).
+    `calibration`: a fitted `calibration.SizeCalibration` with its report, applied by inference.
     `int8_quantization`: {observer: [scale, zero point]} from `quantize.observe_quantization` (plain numbers, so the
     torch-free header reader sees them), which lets inference run in int8."""
     import torch
@@ -34,6 +37,10 @@ def save_model(path: str, state_dict: dict, train_config, metrics: dict | None =
         payload["calibration"] = calibration
     if int8_quantization:
         payload["int8_quantization"] = int8_quantization
+    if refinement_state_dict is not None:
+        payload["refinement_state_dict"] = {key: value.detach().clone() for key, value in refinement_state_dict.items()}
+    if review:
+        payload["review"] = review
     temporary = path + ".tmp"
     torch.save(payload, temporary)
     os.replace(temporary, path)
@@ -98,7 +105,7 @@ def read_model_header(path: str | None = None) -> dict:
     except Exception as error:  # no pickle inside, or objects a fetalpipe model never holds
         raise ModelFileError(f"cannot read model file {path}: {error}") from error
     _check_format(payload, path)
-    return {key: value for key, value in payload.items() if key != "state_dict"}
+    return {key: value for key, value in payload.items() if not key.endswith("state_dict")}
 
 
 def load_model(path: str | None = None):
@@ -123,3 +130,20 @@ def load_model(path: str | None = None):
         raise ModelFileError(f"model file {path}: its weights do not fit the architecture its config describes: {reason}") from None
     model.eval()
     return model, config, payload
+
+
+def load_refinement_model(config, payload: dict, path: str = "model file"):
+    """The refinement stage's network (eval mode) from a loaded payload, or None for a one-stage model."""
+    from fetalpipe.model import HeatmapUNet
+
+    if config.refinement is None:
+        return None
+    if "refinement_state_dict" not in payload:
+        raise ModelFileError(f"{path}: its config has a refinement stage but the file holds no weights for it")
+    model = HeatmapUNet(config.refinement.model)
+    try:
+        model.load_state_dict(payload["refinement_state_dict"])
+    except RuntimeError as error:
+        reason = " ".join(str(error).split("\n", 1)[-1].split())
+        raise ModelFileError(f"model file {path}: its refinement weights do not fit the architecture its config describes: {reason}") from None
+    return model.eval()

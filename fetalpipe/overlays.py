@@ -42,6 +42,12 @@ def draw_overlay(row: dict, overlay_dir: str) -> str:
     text = f"BPD {row[f'bpd_{unit}']:.1f} {unit}  OFD {row[f'ofd_{unit}']:.1f} {unit}  HC {row[f'hc_ellipse_{unit}']:.1f} {unit}"
     font_scale = max(0.5, canvas.shape[1] / 1200)
     cv2.putText(canvas, text, (10, int(30 * font_scale + 5)), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    if bool(row.get("needs_review", False)):  # a flagged measurement says so on its picture, and why
+        review_color_bgr = (0, 0, 255)
+        cv2.putText(canvas, "NEEDS REVIEW", (10, int(60 * font_scale + 10)), cv2.FONT_HERSHEY_SIMPLEX, font_scale, review_color_bgr, thickness + 1, cv2.LINE_AA)
+        for line_index, reason in enumerate(str(row.get("review_reason", "")).split("; ")):
+            cv2.putText(canvas, reason, (10, int((90 + 28 * line_index) * font_scale + 15)), cv2.FONT_HERSHEY_SIMPLEX, 0.8 * font_scale,
+                        review_color_bgr, thickness, cv2.LINE_AA)
     path = os.path.join(overlay_dir, overlay_filename(str(row["image_path"])))
     cv2.imwrite(path + ".tmp.png", canvas)
     os.replace(path + ".tmp.png", path)

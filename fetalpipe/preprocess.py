@@ -1,5 +1,6 @@
 """Ray Data batch steps shared by training and inference: decode -> resize -> normalise, then (for
-training) landmark scaling to model pixels, augmentation and heatmap encoding.
+training) landmark scaling to model pixels, augmentation and heatmap encoding; for the refinement stage's training,
+the original image kept once and, every epoch, a jittered prior ellipse, its polar crop and target.
 
 Batches are dicts of numpy arrays (Ray Data's "numpy" batch format). A file that cannot be decoded
 never raises here: its row gets ``status="error"`` and the reason in ``error``."""
@@ -11,13 +12,16 @@ import hashlib
 import numpy as np
 
 from fetalpipe import LANDMARK_COLUMNS
-from fetalpipe.augment import AugmentConfig, random_affine, random_intensity
+from fetalpipe import ellipse as ellipse_geometry
+from fetalpipe.augment import AcquisitionAugmentConfig, AugmentConfig, degrade_acquisition, degrade_intensity, random_affine, random_intensity
 from fetalpipe.heatmaps import HeatmapCodec
 from fetalpipe.imaging import ImageDecodeError, ResizeTransform, decode_image, read_bytes, resize_to_model
+from fetalpipe.polar import PolarCodec, jitter
 
 
-def decode_batch(batch: dict[str, np.ndarray], input_size: int) -> dict[str, np.ndarray]:
-    """Add ``image`` (float32 [B, S, S] in [0, 1]), original size, file hash, status and error."""
+def decode_batch(batch: dict[str, np.ndarray], input_size: int, keep_original: bool = False) -> dict[str, np.ndarray]:
+    """Add ``image`` (float32 [B, S, S] in [0, 1]), original size, file hash, status and error. With `keep_original`
+    also ``original_pixels``: each image at its stored size as uint8 [H, W] (what the refinement stage crops)."""
     count = len(batch["image_path"])
     images = np.zeros((count, input_size, input_size), dtype=np.float32)
     widths = np.zeros(count, dtype=np.int64)
@@ -26,6 +30,7 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: int) -> dict[str, np.
     statuses = np.empty(count, dtype=object)
     errors = np.empty(count, dtype=object)
     spacing = np.asarray(batch.get("pixel_spacing_mm", np.full(count, np.nan)), dtype=np.float64).copy()
+    originals = np.empty(count, dtype=object)
     for index, path in enumerate(batch["image_path"]):
         hashes[index], statuses[index], errors[index] = "", "ok", ""
         try:
@@ -33,6 +38,8 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: int) -> dict[str, np.
             hashes[index] = hashlib.sha256(data).hexdigest()
             decoded = decode_image(data)
             images[index], transform = resize_to_model(decoded.pixels, input_size)
+            if keep_original:
+                originals[index] = np.round(decoded.pixels * 255).astype(np.uint8)
             widths[index], heights[index] = transform.original_width, transform.original_height
             if np.isnan(spacing[index]) and decoded.pixel_spacing_mm is not None:
                 spacing[index] = decoded.pixel_spacing_mm
@@ -40,8 +47,10 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: int) -> dict[str, np.
             statuses[index], errors[index] = "error", str(error)
         except Exception as error:  # never let one file kill the job; keep the reason
             statuses[index], errors[index] = "error", f"{type(error).__name__}: {error}"
+    kept = {"original_pixels": originals} if keep_original else {}
     return {
         **batch,
+        **kept,
         "image": images,
         "original_width": widths,
         "original_height": heights,
@@ -84,6 +93,58 @@ def encode_batch(batch: dict[str, np.ndarray], codec: HeatmapCodec, augment: Aug
         "heatmaps": codec.encode(points) if len(points) else np.zeros((0, *codec.target_shape), np.float32),  # or coordinates
     }
     for key in ("points_original", "original_width", "original_height", "pixel_spacing_mm", "hc_mm"):
+        if key in batch:
+            output[key] = np.asarray(batch[key])
+    return output
+
+
+def decode_original_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """For the refinement stage's training: each image decoded once and kept at its original size, as uint8 bytes plus
+    its height and width (a fixed-type column whatever the image sizes), with ``status`` and ``error`` as in `decode_batch`."""
+    count = len(batch["image_path"])
+    pixels = np.empty(count, dtype=object)
+    heights, widths = np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int64)
+    statuses, errors = np.full(count, "ok", dtype=object), np.full(count, "", dtype=object)
+    for index, path in enumerate(batch["image_path"]):
+        pixels[index] = b""
+        try:
+            decoded = decode_image(read_bytes(str(path))).pixels
+            heights[index], widths[index] = decoded.shape
+            pixels[index] = np.round(decoded * 255).astype(np.uint8).tobytes()
+        except ImageDecodeError as error:
+            statuses[index], errors[index] = "error", str(error)
+        except Exception as error:
+            statuses[index], errors[index] = "error", f"{type(error).__name__}: {error}"
+    return {**batch, "original_pixels": pixels, "original_height": heights, "original_width": widths, "status": statuses, "error": errors}
+
+
+def encode_polar_batch(batch: dict[str, np.ndarray], codec: PolarCodec, augment: AcquisitionAugmentConfig | None, jitter_scale: float,
+                       seed: int | None = None) -> dict[str, np.ndarray]:
+    """Refinement training pairs: around each reference ellipse a jittered prior (as wrong as stage 1 can be), the
+    polar crop of the original image about it, and the target. ``image`` float32 [B, 1, rows, columns],
+    ``target`` float32 [B, rows, columns]; ``prior`` and ``reference`` [B, 5] ellipses in original pixels.
+    `seed` fixes the jitter per row (validation sees the same priors every epoch)."""
+    count = len(batch["image_path"])
+    rows, columns = codec.input_shape
+    images = np.zeros((count, 1, rows, columns), np.float32)
+    targets = np.zeros((count, rows, columns), np.float32)
+    priors, references = np.zeros((count, 5)), np.zeros((count, 5))
+    for index in range(count):
+        rng = np.random.default_rng(None if seed is None else [seed, int(hashlib.sha256(str(batch["image_path"][index]).encode()).hexdigest()[:8], 16)])
+        height, width = int(batch["original_height"][index]), int(batch["original_width"][index])
+        pixels = np.frombuffer(batch["original_pixels"][index], dtype=np.uint8).reshape(height, width)
+        points = np.array([batch[column][index] for column in LANDMARK_COLUMNS], dtype=np.float64).reshape(4, 2)
+        if augment is not None:
+            if rng.random() < augment.flip_probability:
+                pixels, points = pixels[:, ::-1], points * [-1, 1] + [width - 1, 0]
+            pixels = degrade_acquisition(np.ascontiguousarray(pixels), augment, rng)
+        references[index] = ellipse_geometry.from_endpoints(points)
+        priors[index] = jitter(references[index], rng, jitter_scale)
+        crop = codec.crop(pixels, priors[index])
+        images[index, 0] = degrade_intensity(crop, augment, rng) if augment is not None else crop
+        targets[index] = codec.encode(priors[index], references[index])
+    output = {"image": images, "target": targets, "prior": priors, "reference": references}
+    for key in ("pixel_spacing_mm", "hc_mm"):
         if key in batch:
             output[key] = np.asarray(batch[key])
     return output

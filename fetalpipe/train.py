@@ -17,9 +17,44 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from fetalpipe.augment import AugmentConfig
+from fetalpipe.augment import AcquisitionAugmentConfig, AugmentConfig
 from fetalpipe.heatmaps import HeatmapCodec
 from fetalpipe.model import MODEL_CONFIGS, ModelConfig
+from fetalpipe.polar import PolarCodec
+
+
+@dataclass(frozen=True)
+class RefinementConfig:
+    """Stage 2: the outline in a polar crop of the original image around a prior ellipse (`fetalpipe.polar`).
+    Trained on jittered reference ellipses, so it learns to correct stage 1, whatever stage 1 it follows."""
+
+    # Full-resolution U-Net on the 128 x 64 crop, narrow (8 channels at the top): 13 ms a training image at 1 thread.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(base_width=8, depth=5, stem_stride=1, max_width=64, output="logits"))
+    angles: int = 96
+    radii: int = 64
+    radius_range: tuple[float, float] = (0.75, 1.25)
+    wrap_rows: int = 16
+    sigma_bins: float = 1.5
+    jitter_scale: float = 1.0  # 1: stage 1's error size (`polar.jitter`)
+    epochs: int = 40
+    batch_size: int = 16
+    lr: float = 2e-3
+    augment: bool = True
+
+    def codec(self) -> PolarCodec:
+        return PolarCodec(angles=self.angles, radii=self.radii, radius_range=tuple(self.radius_range), wrap_rows=self.wrap_rows,
+                          sigma_bins=self.sigma_bins)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RefinementConfig":
+        values = dict(values)
+        model = values.pop("model", {})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown refinement config keys: {sorted(unknown)}")
+        if "radius_range" in values:
+            values["radius_range"] = tuple(values["radius_range"])
+        return cls(model=model if isinstance(model, ModelConfig) else ModelConfig(**{**dataclasses.asdict(cls().model), **model}), **values)
 
 
 @dataclass(frozen=True)
@@ -42,6 +77,7 @@ class TrainConfig:
     bf16: bool = False
     channels_last: bool = False
     val_fraction: float = 0.15
+    refinement: RefinementConfig | None = None  # a second stage at native resolution (trained after this one)
 
     def codec(self) -> HeatmapCodec:
         return HeatmapCodec(
@@ -64,7 +100,13 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config keys: {sorted(unknown)}")
         model_config = model if isinstance(model, ModelConfig) else ModelConfig(**model)
-        return cls(model=model_config, **values)
+        refinement = values.pop("refinement", None)
+        if refinement is not None and not isinstance(refinement, RefinementConfig):
+            refinement = RefinementConfig.from_dict(refinement)
+        return cls(model=model_config, refinement=refinement, **values)
+
+    def without_refinement(self) -> "TrainConfig":
+        return dataclasses.replace(self, refinement=None)
 
 
 TRAIN_CONFIGS = {
@@ -87,6 +129,11 @@ TRAIN_CONFIGS = {
     "ellipse_deep": TrainConfig(
         model=MODEL_CONFIGS["fast_deep"], layout="ellipse", refine=True, epochs=30, batch_size=8, lr=2e-3,
         lr_schedule="cosine", loss="bce", augment=True, channels_last=True,
+    ),
+    # The shipped configuration: `ellipse_deep`, then a refinement stage that fits the outline again at native resolution.
+    "ellipse_refine": TrainConfig(
+        model=MODEL_CONFIGS["fast_deep"], layout="ellipse", refine=True, epochs=30, batch_size=8, lr=2e-3,
+        lr_schedule="cosine", loss="bce", augment=True, channels_last=True, refinement=RefinementConfig(),
     ),
     # The seed report's §d "+ resize, no heatmaps" baseline: a CNN regresses the 8 coordinates, MSE, Adam 1e-3,
     # batch 8, no augmentation. Its encoder is `fast_deep`'s (global context at the 4x4 bottleneck), not the seed's.
@@ -173,15 +220,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     model = HeatmapUNet(config.model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    start_epoch, history = 0, []
-    # A worker restarted after a failure gets Ray's latest checkpoint; a rerun of the command gets RUN_DIR's.
-    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(loop_config["resume_from"]) if loop_config.get("resume_from") else None)
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(os.path.join(directory, "state.pt"), weights_only=False)
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
+    start_epoch, history = _restore_checkpoint(model, optimizer, loop_config)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     bare_model = model
@@ -260,20 +299,137 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "lr": optimizer.param_groups[0]["lr"],
         }
         history.append(metrics)
-        with tempfile.TemporaryDirectory() as directory:
-            saved = None
-            if rank == 0:
-                torch.save(
-                    {
-                        "epoch": epoch, "history": history, "state_dict": bare_model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "train_config": config.to_dict(),
-                    },
-                    os.path.join(directory, "state.pt"),
-                )
-                with open(os.path.join(directory, "metrics.json"), "w") as handle:
-                    json.dump(metrics, handle)
-                saved = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=saved)
+        _checkpoint_and_report(rank, epoch, history, bare_model, optimizer, config.to_dict(), metrics)
+
+
+def _restore_checkpoint(model, optimizer, loop_config: dict) -> tuple[int, list]:
+    """(first epoch to run, history so far). A worker restarted after a failure gets Ray's latest checkpoint; a rerun
+    of the command gets RUN_DIR's."""
+    import torch
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(loop_config["resume_from"]) if loop_config.get("resume_from") else None)
+    if not checkpoint:
+        return 0, []
+    with checkpoint.as_directory() as directory:
+        state = torch.load(os.path.join(directory, "state.pt"), weights_only=False)
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["epoch"] + 1, state["history"]
+
+
+def _checkpoint_and_report(rank: int, epoch: int, history: list, model, optimizer, config_dict: dict, metrics: dict) -> None:
+    """Rank 0 writes the epoch's checkpoint (weights, optimizer, history); every rank reports the metrics."""
+    import torch
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        saved = None
+        if rank == 0:
+            torch.save(
+                {"epoch": epoch, "history": history, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "train_config": config_dict},
+                os.path.join(directory, "state.pt"),
+            )
+            with open(os.path.join(directory, "metrics.json"), "w") as handle:
+                json.dump(metrics, handle)
+            saved = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=saved)
+
+
+def polar_loss(logits, target):
+    """Cross-entropy of each row's softmax over radii against its target Gaussian; rows without a target are skipped."""
+    import torch
+
+    log_probability = torch.log_softmax(logits[:, 0].float(), dim=-1)
+    valid = (target.sum(dim=-1) > 0).float()
+    cross_entropy = -(target * log_probability).sum(dim=-1)
+    return (cross_entropy * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def refinement_errors(ellipses: np.ndarray, references: np.ndarray, pixel_spacing_mm: np.ndarray, reference_hc_mm: np.ndarray) -> pd.DataFrame:
+    """Per image: HC, BPD and OFD differences in mm of [N, 5] ellipses (original pixels) against the references."""
+    from fetalpipe import ellipse as ellipse_geometry
+
+    spacing = np.asarray(pixel_spacing_mm, dtype=np.float64)
+    reference_hc = np.where(np.isfinite(reference_hc_mm), reference_hc_mm, ellipse_geometry.perimeter(references) * spacing)
+    return pd.DataFrame({
+        "hc_diff_mm": ellipse_geometry.perimeter(ellipses) * spacing - reference_hc,
+        "bpd_diff_mm": 2 * (ellipses[:, 3] - references[:, 3]) * spacing,
+        "ofd_diff_mm": 2 * (ellipses[:, 2] - references[:, 2]) * spacing,
+    })
+
+
+def refinement_loop_per_worker(loop_config: dict) -> None:
+    """One training worker of stage 2: the same plain loop, on polar crops around jittered reference ellipses.
+    Validation scores the refined ellipse (and, for comparison, the jittered prior it started from) in mm."""
+    import torch
+    import ray.train
+    import ray.train.torch
+
+    from fetalpipe.model import HeatmapUNet
+
+    torch.set_num_threads(loop_config["threads_per_worker"])
+    config = RefinementConfig.from_dict(loop_config["refinement_config"])
+    codec = config.codec()
+    context = ray.train.get_context()
+    world_size, rank = context.get_world_size(), context.get_world_rank()
+    model = HeatmapUNet(config.model).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    start_epoch, history = _restore_checkpoint(model, optimizer, loop_config)
+    bare_model = model
+    model = ray.train.torch.prepare_model(model) if world_size > 1 else model
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch, config.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _lr_factor("cosine", epoch, config.epochs)
+        model.train()
+        started = time.perf_counter()
+        loss_sum, seen = 0.0, 0
+        for batch in train_shard.iter_torch_batches(batch_size=config.batch_size, local_shuffle_buffer_size=4 * config.batch_size):
+            images = batch["image"].float().contiguous(memory_format=torch.channels_last)
+            loss = polar_loss(model(images), batch["target"].float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(images)
+            seen += len(images)
+        train_seconds = time.perf_counter() - started
+
+        bare_model.eval()
+        if world_size > 1:
+            import torch.distributed as dist
+
+            for buffer in bare_model.buffers():
+                dist.broadcast(buffer, src=0)
+        val_loss_sum, error_tables = 0.0, []
+        with torch.no_grad():
+            val_batches = val_shard.iter_batches(batch_size=32, batch_format="numpy")
+            for batch in (batch for index, batch in enumerate(val_batches) if index % world_size == rank):
+                images = torch.from_numpy(np.ascontiguousarray(batch["image"], dtype=np.float32)).contiguous(memory_format=torch.channels_last)
+                logits = bare_model(images)
+                val_loss_sum += float(polar_loss(logits, torch.from_numpy(batch["target"]))) * len(images)
+                refined, _ = codec.decode(logits[:, 0].numpy(), batch["prior"])
+                hc_mm = batch.get("hc_mm", np.full(len(images), np.nan))
+                errors = refinement_errors(refined, batch["reference"], batch["pixel_spacing_mm"], hc_mm)
+                errors["prior_hc_diff_mm"] = refinement_errors(batch["prior"], batch["reference"], batch["pixel_spacing_mm"], hc_mm)["hc_diff_mm"]
+                error_tables.append(errors)
+        errors = pd.concat(error_tables) if error_tables else pd.DataFrame(columns=["hc_diff_mm", "bpd_diff_mm", "ofd_diff_mm", "prior_hc_diff_mm"])
+        sums = np.array([loss_sum, seen, val_loss_sum, len(errors), *(errors[c].abs().sum() for c in ("hc_diff_mm", "bpd_diff_mm", "ofd_diff_mm", "prior_hc_diff_mm")),
+                         train_seconds, time.perf_counter() - started], dtype=np.float64)
+        if world_size > 1:
+            tensor = torch.from_numpy(sums)
+            dist.all_reduce(tensor)
+            sums = tensor.numpy()
+        val_images = max(sums[3], 1)
+        metrics = {
+            "epoch": epoch + 1, "train_loss": sums[0] / max(sums[1], 1), "val_loss": sums[2] / val_images,
+            "val_hc_mae_mm": sums[4] / val_images, "val_bpd_mae_mm": sums[5] / val_images, "val_ofd_mae_mm": sums[6] / val_images,
+            "val_prior_hc_mae_mm": sums[7] / val_images, "train_images": int(sums[1]), "val_images": int(sums[3]),
+            "train_seconds": sums[8] / world_size, "epoch_seconds": sums[9] / world_size, "lr": optimizer.param_groups[0]["lr"],
+        }
+        history.append(metrics)
+        _checkpoint_and_report(rank, epoch, history, bare_model, optimizer, dataclasses.asdict(config), metrics)
 
 
 def _rows_with_status(batch: dict[str, np.ndarray], ok: bool) -> dict[str, np.ndarray]:
@@ -327,6 +483,39 @@ def build_datasets(table: pd.DataFrame, config: TrainConfig, blocks: int = 8):
     return train_ds, val_ds, len(train_table) - len(skipped[0]), len(val_table) - len(skipped[1]), skipped_table
 
 
+def build_refinement_datasets(train_table: pd.DataFrame, val_table: pd.DataFrame, refinement: RefinementConfig, blocks: int = 8):
+    """Ray Data for stage 2: each image decoded once at its original size (kept as uint8, materialised), then per epoch
+    a lazy step that jitters the prior, augments and crops. Validation's priors are fixed (seeded per image).
+    Returns (train, validation, skipped rows)."""
+    import functools
+
+    import ray.data
+
+    from fetalpipe import LANDMARK_COLUMNS
+    from fetalpipe.preprocess import decode_original_batch, encode_polar_batch
+
+    codec = refinement.codec()
+    skipped = []
+
+    def prepared(part: pd.DataFrame, augment: AcquisitionAugmentConfig | None, seed: int | None):
+        part = part.assign(**{c: part[c] if c in part.columns else np.nan for c in ("pixel_spacing_mm", "hc_mm")})
+        part = part[["image_path", *LANDMARK_COLUMNS, "pixel_spacing_mm", "hc_mm"]]
+        rows_per_block = int(np.ceil(len(part) / blocks))
+        dataset = ray.data.from_pandas([part.iloc[start:start + rows_per_block] for start in range(0, len(part), rows_per_block)])
+        decoded = dataset.map_batches(decode_original_batch, batch_format="numpy", batch_size=16).materialize()
+        failed = decoded.select_columns(["image_path", "status", "error"]).map_batches(_rows_with_status, fn_kwargs={"ok": False}, batch_format="numpy")
+        skipped.append(failed.select_columns(["image_path", "error"]).to_pandas())
+        decoded = decoded.map_batches(_rows_with_status, fn_kwargs={"ok": True}, batch_format="numpy").materialize()
+        return decoded.map_batches(
+            functools.partial(encode_polar_batch, codec=codec, augment=augment, jitter_scale=refinement.jitter_scale, seed=seed),
+            batch_format="numpy", batch_size=refinement.batch_size, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2),
+        )
+
+    train_ds = prepared(train_table, AcquisitionAugmentConfig() if refinement.augment else None, None)
+    val_ds = prepared(val_table, None, seed=0).materialize()  # the same priors every epoch
+    return train_ds, val_ds, pd.concat(skipped, ignore_index=True)
+
+
 def run_training(
     manifest_path: str,
     run_dir: str,
@@ -335,11 +524,11 @@ def run_training(
     threads_per_worker: int = 1,
     max_failures: int = 2,
     ray_address: str | None = None,
+    stage1_model: str | None = None,
 ) -> dict:
-    """Train (or resume) into RUN_DIR; write metrics.csv, loss_curves.png and the best model.pt."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+    """Train (or resume) into RUN_DIR; write metrics.csv, loss_curves.png and the best model.pt. With a refinement stage,
+    stage 2 trains after stage 1 (in RUN_DIR/refinement/) and model.pt holds both. `stage1_model`: take stage 1 from
+    that model file instead of training it (stage 2 never sees stage 1's output in training, so any stage 1 fits)."""
     from fetalpipe.cluster import connect
     from fetalpipe.manifest import load_manifest
 
@@ -347,32 +536,85 @@ def run_training(
     table = load_manifest(manifest_path, require_landmarks=True)
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
+    if stage1_model:
+        if config.refinement is None:
+            raise ValueError("--stage1-model needs a configuration with a refinement stage (e.g. ellipse_refine)")
+        config = _stage1_from_file(stage1_model, run_dir, config)
     _write_or_check_config(run_dir, config)
     connect(ray_address, quiet_ray_train=True)
-    done = list_checkpoints(run_dir)
-    if done and done[-1][0] >= config.epochs:
-        print(f"fetalpipe train: {run_dir} already holds all {config.epochs} epochs; rewriting its outputs", flush=True)
-        return write_run_outputs(run_dir, manifest_path)
+    resumed_after = {}
+    if stage1_model:
+        result = {"stage1_model": os.path.abspath(stage1_model)}
+    else:
+        result, resumed_after["stage1"] = _train_stage(run_dir, manifest_path, table, config, workers, threads_per_worker, max_failures)
+    if config.refinement is not None:
+        result["refinement"], resumed_after["refinement"] = _train_stage(
+            os.path.join(run_dir, "refinement"), manifest_path, table, config, workers, threads_per_worker, max_failures, refinement=True)
+        write_refinement_outputs(run_dir)
+    wall_seconds = time.perf_counter() - started
+    with open(os.path.join(run_dir, "run.json"), "w") as handle:  # the wall clock of this invocation, start-up included
+        json.dump({"wall_seconds": round(wall_seconds, 1), "workers": workers, "threads_per_worker": threads_per_worker,
+                   "resumed_after_epoch": resumed_after}, handle, indent=2)
+    print(f"fetalpipe train: finished in {wall_seconds / 60:.1f} min wall clock", flush=True)
+    return result
+
+
+def _stage1_from_file(stage1_model: str, run_dir: str, config: TrainConfig) -> TrainConfig:
+    """Write RUN_DIR/model.pt from another model file's stage 1 (weights and config; nothing it was calibrated with)."""
+    from fetalpipe.model_io import load_model, save_model
+
+    model, stage1_config, payload = load_model(stage1_model)
+    save_model(os.path.join(run_dir, "model.pt"), payload["state_dict"], stage1_config.without_refinement(), metrics=payload.get("metrics"),
+               training={**payload.get("training", {}), "stage1_from": os.path.abspath(stage1_model)})
+    return dataclasses.replace(stage1_config, refinement=config.refinement)
+
+
+def _train_stage(stage_dir: str, manifest_path: str, table: pd.DataFrame, config: TrainConfig, workers: int, threads_per_worker: int,
+                 max_failures: int, refinement: bool = False) -> tuple[dict, int]:
+    """One stage's Ray Train run into STAGE_DIR (resumed from its checkpoints), then its outputs. Returns (best-epoch
+    metrics, the epoch it resumed after)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    name = "refinement stage" if refinement else "stage 1"
+    epochs = config.refinement.epochs if refinement else config.epochs
+    os.makedirs(stage_dir, exist_ok=True)
+    done = list_checkpoints(stage_dir)
+    if done and done[-1][0] >= epochs:
+        print(f"fetalpipe train: {name}: {stage_dir} already holds all {epochs} epochs; rewriting its outputs", flush=True)
+        return (write_refinement_metrics(stage_dir) if refinement else write_run_outputs(stage_dir, manifest_path, config)), done[-1][0]
     latest_checkpoint = done[-1][1] if done else None
     if latest_checkpoint:
-        print(f"fetalpipe train: resuming after epoch {done[-1][0]} from {done[-1][1]}", flush=True)
-    train_ds, val_ds, train_count, val_count, skipped = build_datasets(table, config)
-    skipped.to_csv(os.path.join(run_dir, "skipped_images.csv"), index=False)
+        print(f"fetalpipe train: {name}: resuming after epoch {done[-1][0]} from {done[-1][1]}", flush=True)
+    train_table, val_table = split_by_subject(table, config.val_fraction)
+    if len(train_table) == 0 or len(val_table) == 0:
+        raise ValueError(f"split by subject left {len(train_table)} train / {len(val_table)} validation images; need both")
+    if refinement:
+        train_ds, val_ds, skipped = build_refinement_datasets(train_table, val_table, config.refinement)
+        train_count, val_count = len(train_table) - len(skipped), None
+        loop, loop_config = refinement_loop_per_worker, {"refinement_config": dataclasses.asdict(config.refinement)}
+    else:
+        train_ds, val_ds, train_count, val_count, skipped = build_datasets(table, config)
+        loop, loop_config = train_loop_per_worker, {"train_config": config.to_dict()}
+    skipped.to_csv(os.path.join(stage_dir, "skipped_images.csv"), index=False)
     if len(skipped):
-        print(f"fetalpipe train: WARNING: skipping {len(skipped)} unreadable image(s), listed in {run_dir}/skipped_images.csv:", flush=True)
+        print(f"fetalpipe train: WARNING: skipping {len(skipped)} unreadable image(s), listed in {stage_dir}/skipped_images.csv:", flush=True)
         for row in skipped.head(10).itertuples():
             print(f"  {row.image_path}: {row.error}", flush=True)
-    print(f"fetalpipe train: {train_count} train / {val_count} validation images (split by subject_id)", flush=True)
-    if train_count == 0 or val_count == 0:
-        raise ValueError(f"no readable images left in the {'training' if train_count == 0 else 'validation'} split")
+    if not refinement:
+        print(f"fetalpipe train: {train_count} train / {val_count} validation images (split by subject_id)", flush=True)
+        if train_count == 0 or val_count == 0:
+            raise ValueError(f"no readable images left in the {'training' if train_count == 0 else 'validation'} split")
+    else:
+        print(f"fetalpipe train: refinement stage: {epochs} epochs on polar crops of {train_count} training images", flush=True)
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"train_config": config.to_dict(), "threads_per_worker": threads_per_worker, "resume_from": latest_checkpoint},
+        loop,
+        train_loop_config={**loop_config, "threads_per_worker": threads_per_worker, "resume_from": latest_checkpoint},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": threads_per_worker}),
         torch_config=TorchConfig(backend="gloo"),
         run_config=ray.train.RunConfig(
             name="ray_train",
-            storage_path=run_dir,
+            storage_path=stage_dir,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
         ),
@@ -380,13 +622,8 @@ def run_training(
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     trainer.fit()
-    result = write_run_outputs(run_dir, manifest_path)
-    wall_seconds = time.perf_counter() - started
-    with open(os.path.join(run_dir, "run.json"), "w") as handle:  # the wall clock of this invocation, start-up included
-        json.dump({"wall_seconds": round(wall_seconds, 1), "workers": workers, "threads_per_worker": threads_per_worker,
-                   "resumed_after_epoch": done[-1][0] if done else 0}, handle, indent=2)
-    print(f"fetalpipe train: finished in {wall_seconds / 60:.1f} min wall clock", flush=True)
-    return result
+    result = write_refinement_metrics(stage_dir) if refinement else write_run_outputs(stage_dir, manifest_path, config)
+    return result, done[-1][0] if done else 0
 
 
 def _write_or_check_config(run_dir: str, config: TrainConfig) -> None:
@@ -413,8 +650,9 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def write_run_outputs(run_dir: str, manifest_path: str | None = None) -> dict:
-    """From the checkpoints: metrics.csv, loss_curves.png, and model.pt of the best epoch."""
+def write_run_outputs(run_dir: str, manifest_path: str | None = None, config: TrainConfig | None = None) -> dict:
+    """From the checkpoints: metrics.csv, loss_curves.png, and model.pt of the best epoch (stage 1 alone; a refinement
+    stage is added to it by `write_refinement_outputs`)."""
     import torch
 
     from fetalpipe.model_io import save_model
@@ -430,7 +668,7 @@ def write_run_outputs(run_dir: str, manifest_path: str | None = None) -> dict:
     best_epoch = int(history.loc[history[criterion].idxmin(), "epoch"])
     best_dir = dict(checkpoints)[best_epoch]
     best = torch.load(os.path.join(best_dir, "state.pt"), weights_only=False)
-    config = TrainConfig.from_dict(best["train_config"])
+    config = TrainConfig.from_dict(best["train_config"]).without_refinement()
     best_metrics = history[history["epoch"] == best_epoch].iloc[0].to_dict()
     save_model(
         os.path.join(run_dir, "model.pt"), best["state_dict"], config,
@@ -438,6 +676,44 @@ def write_run_outputs(run_dir: str, manifest_path: str | None = None) -> dict:
         training={"manifest": manifest_path, "epochs_run": int(history["epoch"].max()), "total_train_seconds": float(history["epoch_seconds"].sum())},
     )
     return {"best_epoch": best_epoch, **best_metrics}
+
+
+def _best_refinement_checkpoint(stage_dir: str) -> tuple[pd.DataFrame, int, str]:
+    checkpoints = list_checkpoints(stage_dir)
+    if not checkpoints:
+        raise RuntimeError(f"no checkpoint was written under {stage_dir}")
+    import torch
+
+    history = pd.DataFrame(torch.load(os.path.join(checkpoints[-1][1], "state.pt"), weights_only=False)["history"])
+    best_epoch = int(history.loc[history["val_hc_mae_mm"].idxmin(), "epoch"])
+    return history, best_epoch, dict(checkpoints)[best_epoch]
+
+
+def write_refinement_metrics(stage_dir: str) -> dict:
+    """RUN_DIR/refinement/metrics.csv from its checkpoints; the best epoch's metrics (by validation HC MAE)."""
+    history, best_epoch, _ = _best_refinement_checkpoint(stage_dir)
+    history.to_csv(os.path.join(stage_dir, "metrics.csv"), index=False)
+    return {"best_epoch": best_epoch, **history[history["epoch"] == best_epoch].iloc[0].to_dict()}
+
+
+def write_refinement_outputs(run_dir: str) -> None:
+    """RUN_DIR/model.pt with both stages: stage 1 as written by `write_run_outputs` (or taken from --stage1-model)
+    plus the refinement stage's best epoch."""
+    import torch
+
+    from fetalpipe.model_io import load_model, save_model
+
+    stage_dir = os.path.join(run_dir, "refinement")
+    history, best_epoch, best_dir = _best_refinement_checkpoint(stage_dir)
+    best = torch.load(os.path.join(best_dir, "state.pt"), weights_only=False)
+    model_path = os.path.join(run_dir, "model.pt")
+    _, stage1_config, payload = load_model(model_path)
+    config = dataclasses.replace(stage1_config, refinement=RefinementConfig.from_dict(best["train_config"]))
+    training = {**payload.get("training", {}), "refinement_epochs_run": int(history["epoch"].max()),
+                "refinement_train_seconds": float(history["epoch_seconds"].sum())}
+    refinement_metrics = {f"refinement_{k}": float(v) for k, v in history[history["epoch"] == best_epoch].iloc[0].items()}
+    save_model(model_path, payload["state_dict"], config, metrics={**payload.get("metrics", {}), **refinement_metrics}, training=training,
+               refinement_state_dict=best["state_dict"])
 
 
 def plot_loss_curves(history: pd.DataFrame, path: str) -> None:

@@ -107,3 +107,31 @@ def test_training_jobs_silence_ray_trains_repeated_state_api_warning():
     from ray.train.v2._internal.execution.controller import placement_group_cleaner  # the logger's module still exists
 
     assert placement_group_cleaner.logger.name == NOISY_RAY_LOGGERS[0]
+
+
+def test_refinement_stage_trains_after_a_given_stage1_and_both_run_in_inference(ray_local, sample_manifest_copy, tmp_path):
+    """`--config ellipse_refine --stage1-model FILE`: stage 1 is taken from the file, the refinement stage trains through
+    Ray Data + Ray Train into RUN_DIR/refinement/, model.pt holds both, and `infer` runs both in the same actors."""
+    from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_refinement_model, read_model_header
+
+    path = tmp_path / "tiny_refine.yaml"
+    path.write_text(yaml.safe_dump({"base": "ellipse_refine", "val_fraction": 0.07,
+                                    "refinement": {"epochs": 1, "batch_size": 4, "model": {"base_width": 4, "depth": 3}}}))
+    config = resolve_config(str(path))
+    run_dir = tmp_path / "run"
+    result = run_training(sample_manifest_copy, str(run_dir), config, workers=2, threads_per_worker=1, stage1_model=DEFAULT_MODEL_PATH)
+    metrics = pd.read_csv(run_dir / "refinement" / "metrics.csv")
+    assert list(metrics["epoch"]) == [1] and result["refinement"]["best_epoch"] == 1
+    assert {"val_hc_mae_mm", "val_prior_hc_mae_mm", "val_bpd_mae_mm", "val_ofd_mae_mm"} <= set(metrics.columns)
+    assert 19 <= metrics["train_images"][0] + metrics["val_images"][0] <= 20  # an equal 2-way split may drop one
+    model, loaded_config, payload = load_model(str(run_dir / "model.pt"))
+    assert loaded_config.refinement.model.base_width == 4 and loaded_config.model == load_model(DEFAULT_MODEL_PATH)[1].model
+    assert load_refinement_model(loaded_config, payload) is not None
+    assert "refinement_state_dict" not in read_model_header(str(run_dir / "model.pt"))  # the header stays weight-free
+
+    summary = run_inference(InferOptions(output_dir=str(tmp_path / "out"), manifest=SAMPLE_MANIFEST, model_path=str(run_dir / "model.pt"), actors=1))
+    assert summary["ok"] == 20
+    predictions = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    for column in ("stage_disagreement", "outline_fit_residual", "outline_uncertainty"):  # stage 2 ran on every image
+        assert predictions[column].notna().all()
+    assert (predictions["needs_review"] == False).all() and predictions["review_reason"].isna().all()  # no rule before calibrate  # noqa: E712
