@@ -85,7 +85,7 @@ def make_variant(name: str, pixels_uint8: np.ndarray, points_px: np.ndarray, spa
 def build_variant(name: str, table: pd.DataFrame, folder: str) -> str:
     """Write the variant's images and manifest under FOLDER/NAME/; returns the manifest path."""
     rng = np.random.default_rng(0)
-    variant_dir = os.path.join(folder, name)
+    variant_dir = os.path.abspath(os.path.join(folder, name))
     os.makedirs(variant_dir, exist_ok=True)
     rows = []
     for row in table.itertuples(index=False):

@@ -20,6 +20,16 @@ class AugmentConfig:
     flip_probability: float = 0.5  # each of horizontal and vertical
     gamma_range: tuple[float, float] = (0.7, 1.5)
     contrast_range: tuple[float, float] = (0.8, 1.2)
+    # x:y stretch of the model input, as a frame of another shape gives: a portrait 540x800 frame stretched to the square
+    # input shows the head 2.2x wider, relative to its height, than a landscape 800x540 one. (1, 1): none.
+    aspect_range: tuple[float, float] = (1.0, 1.0)
+    noise_probability: float = 0.0  # speckle and noise, as `degrade_intensity` adds them for the refinement stage
+
+
+# Stage 1 as a locator for archive scans: any orientation, portrait and landscape frames, heads smaller in a larger
+# screenshot, noise. The refinement stage makes the outline precise, so stage 1 trades some precision for reach.
+ARCHIVE_AUGMENT = AugmentConfig(rotation_deg=180.0, scale_range=(0.6, 1.1), shift_fraction=0.1, gamma_range=(0.6, 1.6),
+                                contrast_range=(0.7, 1.3), aspect_range=(1 / 1.5, 1.5), noise_probability=0.3)
 
 
 def random_affine(image: np.ndarray, points_model_px: np.ndarray, config: AugmentConfig, rng: np.random.Generator):
@@ -29,6 +39,10 @@ def random_affine(image: np.ndarray, points_model_px: np.ndarray, config: Augmen
     angle = rng.uniform(-config.rotation_deg, config.rotation_deg)
     scale = rng.uniform(*config.scale_range)
     matrix = cv2.getRotationMatrix2D((centre, centre), angle, scale)  # 2x3
+    aspect = np.exp(rng.uniform(np.log(config.aspect_range[0]), np.log(config.aspect_range[1])))
+    if aspect != 1.0:  # stretch x by sqrt(aspect) and y by 1/sqrt(aspect) about the centre, after the rotation
+        stretch = np.diag([np.sqrt(aspect), 1 / np.sqrt(aspect)])
+        matrix = np.hstack([stretch @ matrix[:, :2], (stretch @ (matrix[:, 2] - centre) + centre)[:, None]])
     matrix[:, 2] += rng.uniform(-config.shift_fraction, config.shift_fraction, size=2) * size
     if rng.random() < config.flip_probability:
         matrix[0] = -matrix[0]
@@ -44,7 +58,10 @@ def random_affine(image: np.ndarray, points_model_px: np.ndarray, config: Augmen
 def random_intensity(image: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     gamma = rng.uniform(*config.gamma_range)
     contrast = rng.uniform(*config.contrast_range)
-    return np.clip((np.clip(image, 0.0, 1.0) ** gamma) * contrast, 0.0, 1.0).astype(np.float32)
+    image = np.clip(image, 0.0, 1.0) ** gamma * contrast
+    if rng.random() < config.noise_probability:
+        image = image * np.clip(1 + rng.normal(0, rng.uniform(0.1, 0.4), image.shape), 0, None) + rng.normal(0, rng.uniform(0.0, 0.05), image.shape)
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,17 @@ class SizeCalibration:
         return cls(float(values["intercept_mm"]), float(values["slope"]), int(values["images"])) if values else None
 
 
+def polar_crops_around_references(codec, originals: list, rows) -> np.ndarray:
+    """float32 [N, rows, columns]: one crop per image, around its reference ellipse jittered as in training (seeded)."""
+    from fetalpipe import LANDMARK_COLUMNS
+    from fetalpipe import ellipse as ellipse_geometry
+    from fetalpipe.polar import jitter
+
+    rng = np.random.default_rng(0)
+    references = ellipse_geometry.from_endpoints(rows[list(LANDMARK_COLUMNS)].to_numpy(dtype=np.float64).reshape(-1, 4, 2))
+    return np.stack([codec.crop(pixels, jitter(reference, rng)) for pixels, reference in zip(originals, references)])
+
+
 def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_address: str | None = None) -> dict:
     """Choose int8 quantization parameters on up to `quantize.CALIBRATION_IMAGES` images of the training split of
     `manifest_path` (the split the model was trained on), measure the whole split with that int8 model, fit the size
@@ -78,7 +89,7 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
     from fetalpipe.imaging import read_image, resize_to_model
     from fetalpipe.infer import InferOptions, run_inference
     from fetalpipe.manifest import load_manifest
-    from fetalpipe.model_io import load_model, save_model
+    from fetalpipe.model_io import load_model, load_refinement_model, refinement_entries, save_model
     from fetalpipe.quantize import CALIBRATION_IMAGES, observe_quantization
     from fetalpipe.train import split_by_subject
 
@@ -94,11 +105,18 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
     # Evenly spaced over the split, sorted by path: the same images on every rerun.
     paths = sorted(train_table["image_path"])
     chosen = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(CALIBRATION_IMAGES, len(paths)))]
-    images = np.stack([resize_to_model(read_image(path).pixels, config.input_size)[0] for path in chosen])
+    decoded = [read_image(path).pixels for path in chosen]
+    images = np.stack([resize_to_model(pixels, config.input_size)[0] for pixels in decoded])
     int8_quantization = observe_quantization(model, images)
+    refinement_int8_quantization = None
+    refinement = load_refinement_model(config, payload, model_path)
+    if refinement is not None:  # its int8 ranges: polar crops of the same images, around their reference ellipses as stage 1 misses them
+        crops = polar_crops_around_references(config.refinement.codec(), decoded, train_table.set_index("image_path").loc[chosen])
+        refinement_int8_quantization = observe_quantization(refinement, crops)
+    weights = {**refinement_entries(payload), "refinement_int8_quantization": refinement_int8_quantization}
     uncalibrated = os.path.join(work_dir, "uncalibrated_model.pt")
     save_model(uncalibrated, payload["state_dict"], config, metrics=payload.get("metrics"), training=payload.get("training"),
-               int8_quantization=int8_quantization, refinement_state_dict=payload.get("refinement_state_dict"))
+               int8_quantization=int8_quantization, **weights)
     split_manifest = os.path.join(work_dir, "train_split.csv")
     train_table.to_csv(split_manifest, index=False)  # load_manifest made the image paths absolute
     try:
@@ -123,5 +141,5 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
     }
     summary["review"] = review_rule.fit_report
     save_model(output_path, payload["state_dict"], config, metrics=payload.get("metrics"), training=payload.get("training"), calibration=summary,
-               int8_quantization=int8_quantization, refinement_state_dict=payload.get("refinement_state_dict"), review=review_rule.to_dict())
+               int8_quantization=int8_quantization, review=review_rule.to_dict(), **weights)
     return summary

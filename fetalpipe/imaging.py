@@ -31,26 +31,43 @@ class DecodedImage:
 
 @dataclass(frozen=True)
 class ResizeTransform:
-    """The stretch from an original image (width × height) to a square model input."""
+    """The stretch from an original image (width × height) to a square model input. With `quarter_turn` (portrait
+    frames: `for_image`) the image is first turned 90° clockwise, so that stage 1 always sees a landscape frame and a
+    head stretched the way it was in training; a head upside down after the turn is one the flips of training cover."""
 
     original_width: int
     original_height: int
     input_size: int
+    quarter_turn: bool = False
+
+    @classmethod
+    def for_image(cls, width: int, height: int, input_size: int) -> "ResizeTransform":
+        return cls(int(width), int(height), input_size, quarter_turn=height > width)
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(width, height) of the frame that is stretched: the original, or the original turned a quarter."""
+        return (self.original_height, self.original_width) if self.quarter_turn else (self.original_width, self.original_height)
 
     @property
     def scale_xy(self) -> np.ndarray:
-        """Model pixels per original pixel along x and y."""
-        return np.array([self.input_size / self.original_width, self.input_size / self.original_height])
+        """Model pixels per frame pixel along x and y."""
+        frame_width, frame_height = self.frame_size
+        return np.array([self.input_size / frame_width, self.input_size / frame_height])
 
     def to_model(self, points_original_px: np.ndarray) -> np.ndarray:
         """Original-pixel points [..., 2] to model-input pixels (pixel-centre aligned, as cv2.resize)."""
         points = np.asarray(points_original_px, dtype=np.float64)
+        if self.quarter_turn:  # clockwise: (x, y) -> (H - 1 - y, x)
+            points = np.stack([self.original_height - 1 - points[..., 1], points[..., 0]], axis=-1)
         return (points + 0.5) * self.scale_xy - 0.5
 
     def to_original(self, points_model_px: np.ndarray) -> np.ndarray:
         """Model-input pixel points [..., 2] back to original pixels."""
-        points = np.asarray(points_model_px, dtype=np.float64)
-        return (points + 0.5) / self.scale_xy - 0.5
+        points = (np.asarray(points_model_px, dtype=np.float64) + 0.5) / self.scale_xy - 0.5
+        if self.quarter_turn:
+            points = np.stack([points[..., 1], self.original_height - 1 - points[..., 0]], axis=-1)
+        return points
 
 
 def is_dicom(data: bytes) -> bool:
@@ -97,11 +114,15 @@ def read_image(path: str) -> DecodedImage:
 
 
 def resize_to_model(pixels: np.ndarray, input_size: int) -> tuple[np.ndarray, ResizeTransform]:
-    """Stretch a [H, W] float image to [input_size, input_size] (the seed's resize), with its transform."""
+    """Stretch a [H, W] float image to [input_size, input_size] (the seed's resize; a portrait frame is turned a quarter
+    first, `ResizeTransform.for_image`), with its transform."""
     height, width = pixels.shape
+    transform = ResizeTransform.for_image(width, height, input_size)
+    if transform.quarter_turn:
+        pixels = cv2.rotate(pixels, cv2.ROTATE_90_CLOCKWISE)
     interpolation = cv2.INTER_AREA if (width > input_size or height > input_size) else cv2.INTER_LINEAR
     resized = cv2.resize(pixels, (input_size, input_size), interpolation=interpolation).astype(np.float32)
-    return resized, ResizeTransform(original_width=width, original_height=height, input_size=input_size)
+    return resized, transform
 
 
 def _to_gray_unit(image: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ from fetalpipe.imaging import ResizeTransform
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 # The review flag's inputs (`fetalpipe.review`); stage 1's `confidence` is the seventh.
-REVIEW_SIGNAL_COLUMNS = ("stage_disagreement", "outline_fit_residual", "outline_uncertainty", "outline_outside_frame", "axis_ratio", "head_size_fraction")
+REVIEW_SIGNAL_COLUMNS = ("stage_disagreement_mm", "outline_fit_residual_mm", "outline_spread_mm", "outline_outside_frame", "axis_ratio", "head_size_fraction")
 BIOMETRY_COLUMNS = ("ofd_px", "bpd_px", "hc_px", "hc_ellipse_px", "ofd_mm", "bpd_mm", "hc_mm", "hc_ellipse_mm")
 OUTPUT_COLUMNS = (
     "image_path", "status", "error", *LANDMARK_COLUMNS, *BIOMETRY_COLUMNS[:4], "pixel_spacing_mm", *BIOMETRY_COLUMNS[4:],
@@ -149,9 +149,15 @@ class LandmarkPredictor:
         self.calibration = SizeCalibration.from_dict(payload.get("calibration"))
         self.review_rule = ReviewRule.from_dict(payload.get("review"))
         self.codec = self.config.codec()
-        refinement = load_refinement_model(self.config, payload, model_path)  # stage 2 runs in fp32 (it is ~1/6 of stage 1's cost)
-        self.refinement = prepare_for_inference(refinement) if refinement is not None else None
+        refinement = load_refinement_model(self.config, payload, model_path)
         self.polar_codec = self.config.refinement.codec() if refinement is not None else None
+        self.refinement = None
+        if refinement is not None and precision == "int8" and payload.get("refinement_int8_quantization"):
+            from fetalpipe.quantize import to_int8
+
+            self.refinement = to_int8(refinement, payload["refinement_int8_quantization"], self.polar_codec.input_shape)
+        elif refinement is not None:
+            self.refinement = prepare_for_inference(refinement)
         self.model_sha256 = file_sha256(model_path)
         self.flip_average = flip_average
         self.predictions_dir = predictions_dir
@@ -173,29 +179,29 @@ class LandmarkPredictor:
         return np.concatenate(outputs)
 
     def refine(self, originals: np.ndarray, stage1_points_px: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Stage 2: [N] uint8 original images and stage 1's [N, 4, 2] endpoints (original pixels) -> refined endpoints
-        (original pixels) and the signals the review flag reads."""
+        """Stage 2: [N] original images (float32 [H, W] in [0, 1]) and stage 1's [N, 4, 2] endpoints (original pixels) -> refined endpoints
+        (original pixels) and the review flag's signals, in original pixels: how far stage 2 moved the perimeter,
+        how far its ray points lie from the ellipse fitted to them (RMS), and how spread its rays' softmaxes are."""
         import torch
 
         from fetalpipe import ellipse as ellipse_geometry
+        from fetalpipe.model import to_model_input
 
         priors = ellipse_geometry.from_endpoints(stage1_points_px)
         crops = np.stack([self.polar_codec.crop(pixels, prior) for pixels, prior in zip(originals, priors)]) if len(priors) else np.zeros((0, *self.polar_codec.input_shape), np.float32)
         logits = []
         with torch.inference_mode():
             for start in range(0, len(crops), FORWARD_BATCH):
-                tensor = torch.from_numpy(crops[start:start + FORWARD_BATCH, None]).contiguous(memory_format=torch.channels_last)
-                logits.append(self.refinement(tensor)[:, 0].float().numpy())
+                logits.append(self.refinement(to_model_input(crops[start:start + FORWARD_BATCH]))[:, 0].float().numpy())
         if not logits:
             return stage1_points_px, {}
         refined, diagnostics = self.polar_codec.decode(np.concatenate(logits), priors)
-        refined_perimeter = ellipse_geometry.perimeter(refined)
-        signals = {
-            "stage_disagreement": np.abs(refined_perimeter - ellipse_geometry.perimeter(priors)) / refined_perimeter,
-            "outline_fit_residual": diagnostics["fit_residual"],
-            "outline_uncertainty": 1.0 - diagnostics["peak_mass"],
+        signals_px = {
+            "stage_disagreement": np.abs(ellipse_geometry.perimeter(refined) - ellipse_geometry.perimeter(priors)),
+            "outline_fit_residual": diagnostics["fit_residual"] * (refined[:, 2] + refined[:, 3]) / 2,
+            "outline_spread": diagnostics["radial_spread_px"],
         }
-        return ellipse_geometry.to_endpoints(refined), signals
+        return ellipse_geometry.to_endpoints(refined), signals_px
 
     def review(self, signals: dict[str, np.ndarray], confidence: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(needs_review, review_reason) by the model file's rule; error rows and models without a rule: False, ''."""
@@ -218,17 +224,17 @@ class LandmarkPredictor:
         signals = {name: np.full(count, np.nan) for name in REVIEW_SIGNAL_COLUMNS}
         ok = np.flatnonzero(batch["status"] == "ok")
         if len(ok):
-            original_sizes = np.stack([batch["original_width"][ok], batch["original_height"][ok]], axis=1)
-            points_model, peak_values = self.codec.decode(self.predict_heatmaps(batch["image"][ok]), original_sizes)
+            transforms = [ResizeTransform.for_image(batch["original_width"][index], batch["original_height"][index], self.codec.input_size) for index in ok]
+            frame_sizes = np.array([transform.frame_size for transform in transforms])  # the decoder fits in the stretched frame's geometry
+            points_model, peak_values = self.codec.decode(self.predict_heatmaps(batch["image"][ok]), frame_sizes)
             for slot, index in enumerate(ok):
-                transform = ResizeTransform(int(batch["original_width"][index]), int(batch["original_height"][index]), self.codec.input_size)
-                points_original[index] = transform.to_original(points_model[slot])
+                points_original[index] = transforms[slot].to_original(points_model[slot])
             confidence[ok] = peak_values.mean(axis=1)
             if self.refinement is not None:
                 found = ok[np.isfinite(points_original[ok]).all(axis=(1, 2))]
-                points_original[found], stage_signals = self.refine(batch["original_pixels"][found], points_original[found])
-                for name, values in stage_signals.items():
-                    signals[name][found] = values
+                points_original[found], signals_px = self.refine(batch["original_pixels"][found], points_original[found])
+                for name, values_px in signals_px.items():  # in mm: a 5 mm error is 2 % of a late head and 5 % of an early one
+                    signals[f"{name}_mm"][found] = values_px * batch["pixel_spacing_mm"][found]
             calibration_scale[ok] = 1.0
             if self.calibration is not None:
                 points_original[ok], calibration_scale[ok] = self.calibration.apply(points_original[ok], batch["pixel_spacing_mm"][ok])

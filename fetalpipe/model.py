@@ -153,7 +153,7 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
 
 
 def to_model_input(images) -> torch.Tensor:
-    """float32 [B, S, S] images in [0, 1] -> the [B, 1, S, S] channels_last tensor a prepared model expects."""
+    """float32 [B, H, W] images in [0, 1] -> the [B, 1, H, W] channels_last tensor a prepared model expects."""
     import numpy as np
 
     tensor = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)[:, None])

@@ -18,8 +18,9 @@ class ModelFileError(ValueError):
 
 def save_model(path: str, state_dict: dict, train_config, metrics: dict | None = None, training: dict | None = None,
                calibration: dict | None = None, int8_quantization: dict | None = None, refinement_state_dict: dict | None = None,
-               review: dict | None = None) -> None:
+               review: dict | None = None, refinement_int8_quantization: dict | None = None) -> None:
     """`refinement_state_dict`: the weights of the refinement stage that `train_config.refinement` describes.
+    `refinement_int8_quantization`: as `int8_quantization`, for the refinement stage's network.
     `review`: the review-flag thresholds fitted by `calibrate` (`review.ReviewRule`).
     `calibration`: a fitted `calibration.SizeCalibration` with its report, applied by inference.
     `int8_quantization`: {observer: [scale, zero point]} from `quantize.observe_quantization` (plain numbers, so the
@@ -41,9 +42,20 @@ def save_model(path: str, state_dict: dict, train_config, metrics: dict | None =
         payload["refinement_state_dict"] = {key: value.detach().clone() for key, value in refinement_state_dict.items()}
     if review:
         payload["review"] = review
+    if refinement_int8_quantization:
+        payload["refinement_int8_quantization"] = refinement_int8_quantization
     temporary = path + ".tmp"
     torch.save(payload, temporary)
     os.replace(temporary, path)
+
+
+def refinement_entries(payload: dict, with_int8: bool = False) -> dict:
+    """The refinement stage's part of a loaded payload, as `save_model` keyword arguments: copying a model file's
+    stage 1 with these keeps its stage 2 (and, `with_int8`, its stage-2 int8 parameters)."""
+    entries = {"refinement_state_dict": payload.get("refinement_state_dict")}
+    if with_int8:
+        entries["refinement_int8_quantization"] = payload.get("refinement_int8_quantization")
+    return entries
 
 
 def file_sha256(path: str) -> str:

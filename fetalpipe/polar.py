@@ -14,6 +14,7 @@ and fits the final ellipse to those points in original pixels."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
@@ -75,8 +76,7 @@ class PolarCodec:
         """Original image [H, W] (uint8 or float in [0, 1]) -> float32 [rows, columns] in [0, 1]. Outside the image is 0."""
         image = pixels.astype(np.float32) / 255.0 if pixels.dtype == np.uint8 else pixels.astype(np.float32, copy=False)
         shrink = min(1.0, MAX_PIXELS_PER_RADIAL_STEP / max(self.pixels_per_radial_step(prior), 1e-9))
-        rows, columns = np.meshgrid(np.arange(self.input_shape[0]), np.arange(self.radii), indexing="ij")
-        points = self.to_original(prior, rows, columns)
+        points = prior[:2] + _unit_grid(self) @ ellipse_geometry.frame_matrix(prior).T  # = to_original at every pixel
         if shrink < 0.75:
             height, width = image.shape
             small = (max(int(round(width * shrink)), 2), max(int(round(height * shrink)), 2))
@@ -125,10 +125,13 @@ class PolarCodec:
         """[B, rows, columns] logits and [B, 5] priors -> ([B, 5] ellipses fitted in original pixels, diagnostics [B]).
 
         Diagnostics: `peak_mass` (mean certainty of the rays), `fit_residual` (RMS radial distance of the ray points
-        from the fitted ellipse, as a fraction of its mean semi-axis). One robust pass: points further than 3× the
+        from the fitted ellipse, as a fraction of its mean semi-axis), `radial_spread_px` (the mean over rays of the
+        softmax's standard deviation, in original pixels). One robust pass: points further than 3× the
         median residual (and 1 % of the radius) from the first fit are left out of the second."""
         columns, mass = self.decode_columns(logits)
+        spread_columns = self.column_spread(logits)
         rows = np.arange(self.angles) + self.wrap_rows
+        spread_px = np.full(len(priors), np.nan)
         ellipses = np.full((len(priors), 5), np.nan)
         residual = np.full(len(priors), np.nan)
         for index, prior in enumerate(np.asarray(priors, dtype=np.float64)):
@@ -140,8 +143,33 @@ class PolarCodec:
             if 5 <= keep.sum() < len(points):
                 fitted = ellipse_geometry.fit(points[keep])
             ellipses[index] = fitted
+            spread_px[index] = float(np.mean(spread_columns[index] * self.pixels_per_column(prior)))
             residual[index] = np.sqrt(np.mean(ellipse_geometry.radial_residuals_px(points, fitted) ** 2)) / ((fitted[2] + fitted[3]) / 2)
-        return ellipses, {"peak_mass": mass.mean(axis=1), "fit_residual": residual}
+        return ellipses, {"peak_mass": mass.mean(axis=1), "fit_residual": residual, "radial_spread_px": spread_px}
+
+    def column_spread(self, logits: np.ndarray) -> np.ndarray:
+        """[B, angles]: the standard deviation of each central row's softmax over columns (two candidate edges on one ray
+        give a large one, where the peak mass alone may not say so)."""
+        central = np.asarray(logits, dtype=np.float64)[:, self.wrap_rows:self.wrap_rows + self.angles]
+        probability = np.exp(central - central.max(axis=-1, keepdims=True))
+        probability /= probability.sum(axis=-1, keepdims=True)
+        grid = np.arange(self.radii)
+        mean = (probability * grid).sum(axis=-1)
+        return np.sqrt(np.maximum((probability * grid**2).sum(axis=-1) - mean**2, 0.0))
+
+    def pixels_per_column(self, prior: np.ndarray) -> np.ndarray:
+        """[angles]: original pixels between two columns along each central ray."""
+        low, high = self.radius_range
+        angles = self.row_angles_rad()[self.wrap_rows:self.wrap_rows + self.angles]
+        directions = np.stack([np.cos(angles), np.sin(angles)], axis=1) @ ellipse_geometry.frame_matrix(prior).T
+        return np.linalg.norm(directions, axis=1) * (high - low) / (self.radii - 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _unit_grid(codec: PolarCodec) -> np.ndarray:
+    """[rows, columns, 2]: every polar pixel on the unit circle's frame (radius × (cos t, sin t)), computed once per codec."""
+    rows, columns = np.meshgrid(np.arange(codec.input_shape[0]), np.arange(codec.radii), indexing="ij")
+    return codec.to_original(np.array([0.0, 0.0, 1.0, 1.0, 0.0]), rows, columns)
 
 
 def jitter(reference: np.ndarray, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:

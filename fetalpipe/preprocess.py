@@ -21,7 +21,7 @@ from fetalpipe.polar import PolarCodec, jitter
 
 def decode_batch(batch: dict[str, np.ndarray], input_size: int, keep_original: bool = False) -> dict[str, np.ndarray]:
     """Add ``image`` (float32 [B, S, S] in [0, 1]), original size, file hash, status and error. With `keep_original`
-    also ``original_pixels``: each image at its stored size as uint8 [H, W] (what the refinement stage crops)."""
+    also ``original_pixels``: each image at its stored size, float32 [H, W] (what the refinement stage crops)."""
     count = len(batch["image_path"])
     images = np.zeros((count, input_size, input_size), dtype=np.float32)
     widths = np.zeros(count, dtype=np.int64)
@@ -39,7 +39,7 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: int, keep_original: b
             decoded = decode_image(data)
             images[index], transform = resize_to_model(decoded.pixels, input_size)
             if keep_original:
-                originals[index] = np.round(decoded.pixels * 255).astype(np.uint8)
+                originals[index] = decoded.pixels
             widths[index], heights[index] = transform.original_width, transform.original_height
             if np.isnan(spacing[index]) and decoded.pixel_spacing_mm is not None:
                 spacing[index] = decoded.pixel_spacing_mm
@@ -63,7 +63,7 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: int, keep_original: b
 
 def transforms_of(batch: dict[str, np.ndarray], input_size: int) -> list[ResizeTransform]:
     return [
-        ResizeTransform(int(width), int(height), input_size)
+        ResizeTransform.for_image(int(width), int(height), input_size)
         for width, height in zip(batch["original_width"], batch["original_height"])
     ]
 

@@ -32,7 +32,13 @@ def _qconfig_mapping(activation_observer):
     return QConfigMapping().set_global(per_tensor).set_object_type(nn.ConvTranspose2d, None).set_module_name("head", None)
 
 
-def _prepared(model: nn.Module, input_size: int, activation_observer, engine: str = INT8_ENGINE) -> nn.Module:
+def _example_input(input_shape: int | tuple[int, int]) -> torch.Tensor:
+    """[1, 1, H, W] zeros: a square stage-1 input (an int) or the refinement stage's (rows, columns)."""
+    height, width = (input_shape, input_shape) if isinstance(input_shape, int) else tuple(input_shape)
+    return torch.zeros(1, 1, height, width)
+
+
+def _prepared(model: nn.Module, input_shape: int | tuple[int, int], activation_observer, engine: str = INT8_ENGINE) -> nn.Module:
     """The fp32 model (BatchNorm folded) with an observer after every op that will run in int8. The engine is
     process-wide in PyTorch; it is set here because the weights are packed for it when the model is converted."""
     from torch.ao.quantization.quantize_fx import prepare_fx
@@ -43,7 +49,7 @@ def _prepared(model: nn.Module, input_size: int, activation_observer, engine: st
         raise Int8Unavailable(f"int8 inference needs PyTorch's {engine!r} quantized engine; this build has "
                               f"{torch.backends.quantized.supported_engines}: use --precision fp32")
     torch.backends.quantized.engine = engine
-    example = torch.zeros(1, 1, input_size, input_size)
+    example = _example_input(input_shape)
     # No stack trace per traced op: recording them imports torch._dynamo and torch._inductor, 1.9 s of each actor's start.
     stack_traces_setting = torch.fx.config.do_not_emit_stack_traces
     torch.fx.config.do_not_emit_stack_traces = True
@@ -64,7 +70,8 @@ def _observers(prepared: nn.Module) -> dict[str, nn.Module]:
 
 
 def observe_quantization(model: nn.Module, images: np.ndarray, batch_size: int = 8) -> dict[str, list[float]]:
-    """float32 [N, S, S] images in [0, 1] (model input pixels) -> {observer: [scale, zero_point]}, what `to_int8` needs.
+    """float32 [N, H, W] images in [0, 1] (model input pixels, or polar crops) -> {observer: [scale, zero_point]}, what
+    `to_int8` needs.
 
     Histograms of the activations choose each range (minimising the quantisation error, which clips rare outliers).
     The resulting scale and zero point are stored, not the histograms: building the int8 model from them needs no
@@ -73,7 +80,7 @@ def observe_quantization(model: nn.Module, images: np.ndarray, batch_size: int =
 
     from fetalpipe.model import to_model_input
 
-    prepared = _prepared(model, images.shape[-1], HistogramObserver)
+    prepared = _prepared(model, tuple(images.shape[-2:]), HistogramObserver)
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             prepared(to_model_input(images[start:start + batch_size]))
@@ -84,14 +91,14 @@ def observe_quantization(model: nn.Module, images: np.ndarray, batch_size: int =
     return quantization
 
 
-def to_int8(model: nn.Module, quantization: dict[str, list[float]], input_size: int, engine: str = INT8_ENGINE) -> nn.Module:
+def to_int8(model: nn.Module, quantization: dict[str, list[float]], input_shape: int | tuple[int, int], engine: str = INT8_ENGINE) -> nn.Module:
     """The int8 inference model from fp32 weights and stored activation scales and zero points. Feed it
     `model.to_model_input(...)`; outputs are float32 heatmaps like the fp32 model's. `model` is changed."""
     from torch.ao.quantization import MinMaxObserver
     from torch.ao.quantization.observer import FixedQParamsObserver
     from torch.ao.quantization.quantize_fx import convert_fx
 
-    prepared = _prepared(model, input_size, MinMaxObserver, engine)
+    prepared = _prepared(model, input_shape, MinMaxObserver, engine)
     observers = _observers(prepared)
     if set(observers) != set(quantization):
         raise ValueError("the model file's int8 quantization parameters do not fit this architecture; run `fetalpipe calibrate` again")

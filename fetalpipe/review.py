@@ -1,14 +1,16 @@
 """The review flag: which measurements a person should look at before trusting them.
 
 Every prediction row carries a few signals, each computed in the inference actors at no extra forward pass:
-  * ``stage_disagreement``: |HC of stage 2 − HC of stage 1| / HC of stage 2 (the refinement moved the outline a lot);
-  * ``outline_fit_residual``: RMS radial distance of stage 2's outline points from the ellipse fitted to them, as a
-    fraction of its mean semi-axis (the outline is not an ellipse: a shadow, a cut, another structure);
-  * ``outline_uncertainty``: 1 − the mean softmax mass near each ray's peak (stage 2 cannot tell where the skull is);
+  * ``stage_disagreement_mm``: |HC of stage 2 − HC of stage 1| (the refinement moved the outline a lot);
+  * ``outline_fit_residual_mm``: RMS radial distance of stage 2's ray points from the ellipse fitted to them (the
+    outline is not an ellipse: a shadow, a cut, another structure);
+  * ``outline_spread_mm``: the mean spread of stage 2's softmax along each ray (it cannot tell where the skull is);
   * ``outline_outside_frame``: the fraction of the final ellipse outside the image (a head cut by the frame);
   * ``axis_ratio``: BPD / OFD (too flat for a head);
   * ``head_size_fraction``: OFD / the image diagonal (too small to be the head that fills a standard plane);
   * ``confidence``: stage 1's map confidence.
+The first three are in mm, like the error they predict: the same 1 % uncertainty is 1 mm of HC on an early head and
+3 mm on a late one (on the validation split, in mm they rank the images above 5 mm far better than as fractions).
 `ReviewRule` flags a row when any signal passes its threshold. `fetalpipe calibrate` fits the thresholds on the
 model's training split (as it fits the size calibration), to catch the images whose HC is off by more than
 `LARGE_ERROR_MM` while flagging at most `MAX_FLAGGED_FRACTION` of them, and stores them in the model file."""
@@ -22,16 +24,16 @@ import pandas as pd
 
 # Signal -> "high" (flag above the threshold) or "low" (flag below it).
 SIGNALS = {
-    "stage_disagreement": "high",
-    "outline_fit_residual": "high",
-    "outline_uncertainty": "high",
+    "stage_disagreement_mm": "high",
+    "outline_fit_residual_mm": "high",
+    "outline_spread_mm": "high",
     "outline_outside_frame": "high",
     "axis_ratio": "low",
     "head_size_fraction": "low",
     "confidence": "low",
 }
 LARGE_ERROR_MM = 5.0
-MAX_FLAGGED_FRACTION = 0.10  # on the training split; validation flags a little more
+MAX_FLAGGED_FRACTION = 0.12  # on the training split (the goal: at most 15 % of new images)
 CANDIDATE_QUANTILES = (0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 0.88, 0.85, 0.8)
 
 

@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from fetalpipe.augment import AcquisitionAugmentConfig, AugmentConfig
+from fetalpipe.augment import ARCHIVE_AUGMENT, AcquisitionAugmentConfig, AugmentConfig
 from fetalpipe.heatmaps import HeatmapCodec
 from fetalpipe.model import MODEL_CONFIGS, ModelConfig
 from fetalpipe.polar import PolarCodec
+
+
+AUGMENT_PRESETS = {"standard": AugmentConfig(), "archive": ARCHIVE_AUGMENT}
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class TrainConfig:
     loss: str = "mse"  # or "weighted_mse" (foreground pixels weigh more), "bce" or "bce_dice" (for the ellipse map)
     foreground_weight: float = 10.0
     augment: bool = False
+    augmentation: str = "standard"  # with augment: "standard" (HC18-like frames) or "archive" (`augment.ARCHIVE_AUGMENT`)
     bf16: bool = False
     channels_last: bool = False
     val_fraction: float = 0.15
@@ -130,10 +134,11 @@ TRAIN_CONFIGS = {
         model=MODEL_CONFIGS["fast_deep"], layout="ellipse", refine=True, epochs=30, batch_size=8, lr=2e-3,
         lr_schedule="cosine", loss="bce", augment=True, channels_last=True,
     ),
-    # The shipped configuration: `ellipse_deep`, then a refinement stage that fits the outline again at native resolution.
+    # The shipped configuration: `ellipse_deep` trained as a locator for archive scans (any orientation, frame shape
+    # and size, noise), then a refinement stage that fits the outline again at native resolution.
     "ellipse_refine": TrainConfig(
         model=MODEL_CONFIGS["fast_deep"], layout="ellipse", refine=True, epochs=30, batch_size=8, lr=2e-3,
-        lr_schedule="cosine", loss="bce", augment=True, channels_last=True, refinement=RefinementConfig(),
+        lr_schedule="cosine", loss="bce", augment=True, augmentation="archive", channels_last=True, refinement=RefinementConfig(),
     ),
     # The seed report's §d "+ resize, no heatmaps" baseline: a CNN regresses the 8 coordinates, MSE, Adam 1e-3,
     # batch 8, no augmentation. Its encoder is `fast_deep`'s (global context at the 4x4 bottleneck), not the seed's.
@@ -263,8 +268,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 targets = torch.from_numpy(batch["heatmaps"].astype(np.float32))
                 val_loss_sum += float(heatmap_loss(predicted, targets, config.loss, config.foreground_weight)) * len(images)
                 val_seen += len(images)
-                points_model, _ = codec.decode(predicted.numpy(), np.stack([batch["original_width"], batch["original_height"]], axis=1))
-                points_original = np.stack([t.to_original(p) for t, p in zip(transforms_of(batch, config.input_size), points_model)])
+                transforms = transforms_of(batch, config.input_size)
+                points_model, _ = codec.decode(predicted.numpy(), np.array([t.frame_size for t in transforms]).reshape(-1, 2))
+                points_original = np.stack([t.to_original(p) for t, p in zip(transforms, points_model)])
                 error_tables.append(per_image_errors(points_original, batch["points_original"], batch["pixel_spacing_mm"], batch.get("hc_mm")))
         epoch_seconds = time.perf_counter() - started  # train + validation, what a user waits for
         errors = pd.concat(error_tables) if error_tables else pd.DataFrame()
@@ -477,7 +483,7 @@ def build_datasets(table: pd.DataFrame, config: TrainConfig, blocks: int = 8):
     if len(train_table) == 0 or len(val_table) == 0:
         raise ValueError(f"split by subject left {len(train_table)} train / {len(val_table)} validation images; need both")
     skipped: list[pd.DataFrame] = []
-    train_ds = prepared(train_table, AugmentConfig() if config.augment else None)
+    train_ds = prepared(train_table, AUGMENT_PRESETS[config.augmentation] if config.augment else None)
     val_ds = prepared(val_table, None)
     skipped_table = pd.concat(skipped, ignore_index=True)
     return train_ds, val_ds, len(train_table) - len(skipped[0]), len(val_table) - len(skipped[1]), skipped_table

@@ -61,12 +61,12 @@ def test_calibrate_fits_on_the_training_split_and_infer_applies_it(ray_local, tm
     from fetalpipe.calibration import calibrate_model
     from fetalpipe.cli import main
     from fetalpipe.infer import InferOptions, read_predictions, run_inference
-    from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model, read_model_header, save_model
+    from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model, read_model_header, refinement_entries, save_model
     from fetalpipe.train import split_by_subject
 
     model, config, payload = load_model(DEFAULT_MODEL_PATH)
     uncalibrated = str(tmp_path / "uncalibrated.pt")
-    save_model(uncalibrated, payload["state_dict"], config)
+    save_model(uncalibrated, payload["state_dict"], config, **refinement_entries(payload))
     # The sample's images are all validation subjects of the HC18 split; give each its own subject id so that the
     # same split rule puts most of them in training.
     manifest = pd.read_csv(SAMPLE_MANIFEST)
@@ -94,7 +94,8 @@ def test_calibrate_fits_on_the_training_split_and_infer_applies_it(ray_local, tm
     # Calibrate also stored int8 ranges, and measured the split in int8: compare with the same int8 model without the line.
     calibrated_payload = load_model(calibrated)[2]
     int8_without_line = str(tmp_path / "int8_without_line.pt")
-    save_model(int8_without_line, payload["state_dict"], config, int8_quantization=calibrated_payload["int8_quantization"])
+    save_model(int8_without_line, payload["state_dict"], config, int8_quantization=calibrated_payload["int8_quantization"],
+               **refinement_entries(calibrated_payload, with_int8=True))
     outputs = {}
     for name, path in (("plain", int8_without_line), ("calibrated", calibrated)):
         run_inference(InferOptions(output_dir=str(tmp_path / name), manifest=str(measured_path), model_path=path, actors=1))
@@ -120,13 +121,13 @@ def test_train_command_calibrates_its_model_or_says_why_not(ray_local, monkeypat
     shipped weights (without int8 parameters or line) into RUN_DIR: the calibration step is what is under test."""
     import fetalpipe.train
     from fetalpipe.cli import main
-    from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model, read_model_header, save_model
+    from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model, read_model_header, refinement_entries, save_model
 
     model, config, payload = load_model(DEFAULT_MODEL_PATH)
 
     def fake_training(manifest_path, run_dir, train_config, **options):
         os.makedirs(run_dir, exist_ok=True)
-        save_model(os.path.join(run_dir, "model.pt"), payload["state_dict"], config)
+        save_model(os.path.join(run_dir, "model.pt"), payload["state_dict"], config, **refinement_entries(payload))
         return {"best_epoch": 1}
 
     monkeypatch.setattr(fetalpipe.train, "run_training", fake_training)

@@ -132,3 +132,19 @@ def test_transform_round_trip_and_matches_cv2_resize():
     centroid = np.array([(resized * xs).sum(), (resized * ys).sum()]) / resized.sum()
     assert np.allclose(transform.to_model(np.array([404.5, 304.5])), centroid, atol=0.05)
     assert np.allclose(transform.to_original(centroid), [404.5, 304.5], atol=0.2)
+
+
+def test_portrait_frames_are_turned_a_quarter_before_the_stretch_and_points_follow():
+    from fetalpipe.imaging import ResizeTransform, resize_to_model
+
+    portrait = np.zeros((800, 540), np.float32)
+    portrait[600:606, 100:106] = 1.0  # a dot at original (102.5, 602.5)
+    resized, transform = resize_to_model(portrait, 256)
+    assert transform.quarter_turn and transform.frame_size == (800, 540)
+    ys, xs = np.nonzero(resized > 0.2)
+    weights = resized[ys, xs]
+    dot_model = np.array([np.average(xs, weights=weights), np.average(ys, weights=weights)])
+    assert np.linalg.norm(transform.to_model(np.array([102.5, 602.5])) - dot_model) < 0.5
+    points = np.array([[0.0, 0.0], [539.0, 799.0], [102.5, 602.5]])
+    assert np.allclose(transform.to_original(transform.to_model(points)), points)
+    assert not ResizeTransform.for_image(800, 540, 256).quarter_turn

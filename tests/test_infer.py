@@ -20,7 +20,7 @@ from test_imaging import GRAY, make_dicom
 CONTRACT_COLUMNS = [
     "image_path", "status", "error", *LANDMARK_COLUMNS, "ofd_px", "bpd_px", "hc_px", "hc_ellipse_px",
     "pixel_spacing_mm", "ofd_mm", "bpd_mm", "hc_mm", "hc_ellipse_mm", "confidence", "needs_review", "review_reason",
-    "stage_disagreement", "outline_fit_residual", "outline_uncertainty", "outline_outside_frame", "axis_ratio", "head_size_fraction",
+    "stage_disagreement_mm", "outline_fit_residual_mm", "outline_spread_mm", "outline_outside_frame", "axis_ratio", "head_size_fraction",
     "size_calibration_scale", "model_sha256", "precision", "fetalpipe_version",
 ]
 

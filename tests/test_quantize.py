@@ -9,7 +9,7 @@ from conftest import SAMPLE_MANIFEST
 from fetalpipe.imaging import read_image, resize_to_model
 from fetalpipe.infer import InferOptions, load_inference_model, read_predictions, resolve_precision, run_inference
 from fetalpipe.model import to_model_input
-from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model, read_model_header, save_model
+from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model, read_model_header, refinement_entries, save_model
 from fetalpipe.quantize import _prepared, observe_quantization, to_int8
 
 
@@ -55,7 +55,7 @@ def test_stored_quantization_rebuilds_the_calibrated_int8_model_exactly(tmp_path
     histogram_model = convert_fx(histogram_model)
 
     path = str(tmp_path / "with_quantization.pt")
-    save_model(path, payload["state_dict"], config, int8_quantization=quantization)
+    save_model(path, payload["state_dict"], config, int8_quantization=quantization, **refinement_entries(payload))
     assert read_model_header(path)["int8_quantization"] == quantization  # plain numbers: the torch-free header reads them
     rebuilt, _, _ = load_inference_model(path, "int8")
     batch = to_model_input(images[8:16])
@@ -97,3 +97,23 @@ def test_precision_is_chosen_once_recorded_per_row_and_part_of_the_resume_key(ra
     from fetalpipe.cli import main
 
     assert main(["infer", "--manifest", manifest_path, "--output", str(tmp_path / "x"), "--model", tiny_model_path, "--precision", "int8"]) == 2
+
+
+def test_shipped_refinement_stage_runs_in_int8_close_to_fp32():
+    """Stage 2's int8 parameters come from `calibrate` like stage 1's; in int8 its ray outline stays within a fraction of
+    a polar column of fp32's on the sample (stage 1's fp32 ellipses as priors)."""
+    from fetalpipe import LANDMARK_COLUMNS
+    from fetalpipe import ellipse as ellipse_geometry
+    from fetalpipe.infer import LandmarkPredictor
+
+    fp32, int8 = LandmarkPredictor(DEFAULT_MODEL_PATH, threads=1, precision="fp32"), LandmarkPredictor(DEFAULT_MODEL_PATH, threads=1, precision="int8")
+    assert any(isinstance(module, torch.ao.nn.quantized.Conv2d) for module in int8.refinement.modules())
+    manifest = pd.read_csv(SAMPLE_MANIFEST).head(8)
+    originals = [read_image(os.path.join(os.path.dirname(SAMPLE_MANIFEST), path)).pixels for path in manifest["image_path"]]
+    priors = ellipse_geometry.from_endpoints(manifest[list(LANDMARK_COLUMNS)].to_numpy(dtype=float).reshape(-1, 4, 2))
+    crops = np.stack([fp32.polar_codec.crop(pixels, prior) for pixels, prior in zip(originals, priors)])
+    with torch.inference_mode():
+        columns = {name: predictor.polar_codec.decode_columns(predictor.refinement(to_model_input(crops))[:, 0].numpy())[0]
+                   for name, predictor in (("fp32", fp32), ("int8", int8))}
+    difference = np.abs(columns["int8"] - columns["fp32"])
+    assert np.median(difference) < 0.5 and np.percentile(difference, 95) < 3.0

@@ -132,6 +132,6 @@ def test_refinement_stage_trains_after_a_given_stage1_and_both_run_in_inference(
     summary = run_inference(InferOptions(output_dir=str(tmp_path / "out"), manifest=SAMPLE_MANIFEST, model_path=str(run_dir / "model.pt"), actors=1))
     assert summary["ok"] == 20
     predictions = pd.read_csv(tmp_path / "out" / "predictions.csv")
-    for column in ("stage_disagreement", "outline_fit_residual", "outline_uncertainty"):  # stage 2 ran on every image
+    for column in ("stage_disagreement_mm", "outline_fit_residual_mm", "outline_spread_mm"):  # stage 2 ran on every image
         assert predictions[column].notna().all()
     assert (predictions["needs_review"] == False).all() and predictions["review_reason"].isna().all()  # no rule before calibrate  # noqa: E712
