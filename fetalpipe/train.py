@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from fetalpipe.augment import ARCHIVE_AUGMENT, AcquisitionAugmentConfig, AugmentConfig
+from fetalpipe.augment import ARCHIVE_AUGMENT, ARCHIVE_FINE_TUNE_AUGMENT, AcquisitionAugmentConfig, AugmentConfig
 from fetalpipe.heatmaps import HeatmapCodec
 from fetalpipe.model import MODEL_CONFIGS, ModelConfig
 from fetalpipe.polar import PolarCodec
 
 
-AUGMENT_PRESETS = {"standard": AugmentConfig(), "archive": ARCHIVE_AUGMENT}
+AUGMENT_PRESETS = {"standard": AugmentConfig(), "archive": ARCHIVE_AUGMENT, "archive_fine_tune": ARCHIVE_FINE_TUNE_AUGMENT}
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,11 @@ class TrainConfig:
     loss: str = "mse"  # or "weighted_mse" (foreground pixels weigh more), "bce" or "bce_dice" (for the ellipse map)
     foreground_weight: float = 10.0
     augment: bool = False
-    augmentation: str = "standard"  # with augment: "standard" (HC18-like frames) or "archive" (`augment.ARCHIVE_AUGMENT`)
+    augmentation: str = "standard"  # with augment: "standard" (HC18-like frames), "archive" or "archive_fine_tune" (`augment`)
     bf16: bool = False
     channels_last: bool = False
     val_fraction: float = 0.15
+    init_from: str = ""  # a model file whose stage-1 weights start the training (fine-tuning); "" = random initialisation
     refinement: RefinementConfig | None = None  # a second stage at native resolution (trained after this one)
 
     def codec(self) -> HeatmapCodec:
@@ -134,11 +135,10 @@ TRAIN_CONFIGS = {
         model=MODEL_CONFIGS["fast_deep"], layout="ellipse", refine=True, epochs=30, batch_size=8, lr=2e-3,
         lr_schedule="cosine", loss="bce", augment=True, channels_last=True,
     ),
-    # The shipped configuration: `ellipse_deep` trained as a locator for archive scans (any orientation, frame shape
-    # and size, noise), then a refinement stage that fits the outline again at native resolution.
+    # The shipped configuration: `ellipse_deep`, then a refinement stage that fits the outline again at native resolution.
     "ellipse_refine": TrainConfig(
         model=MODEL_CONFIGS["fast_deep"], layout="ellipse", refine=True, epochs=30, batch_size=8, lr=2e-3,
-        lr_schedule="cosine", loss="bce", augment=True, augmentation="archive", channels_last=True, refinement=RefinementConfig(),
+        lr_schedule="cosine", loss="bce", augment=True, channels_last=True, refinement=RefinementConfig(),
     ),
     # The seed report's §d "+ resize, no heatmaps" baseline: a CNN regresses the 8 coordinates, MSE, Adam 1e-3,
     # batch 8, no augmentation. Its encoder is `fast_deep`'s (global context at the 4x4 bottleneck), not the seed's.
@@ -165,6 +165,8 @@ def resolve_config(name_or_file: str, overrides: dict | None = None) -> TrainCon
         raise ValueError(f"--config must be one of {sorted(TRAIN_CONFIGS)} or a YAML/JSON file; got {name_or_file!r}")
     if overrides:
         values.update({key: value for key, value in overrides.items() if value is not None})
+    if values.get("init_from"):  # the training workers may run in another folder
+        values["init_from"] = os.path.abspath(values["init_from"])
     values["model"]["out_maps"] = HeatmapCodec(layout=values["layout"]).num_maps
     values["model"]["head"] = "coordinates" if values["layout"] == "coordinates" else "heatmap"
     return TrainConfig.from_dict(values)
@@ -224,6 +226,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     world_size, rank = context.get_world_size(), context.get_world_rank()
 
     model = HeatmapUNet(config.model)
+    if config.init_from:  # fine-tuning; a checkpoint, when there is one, replaces these weights below
+        from fetalpipe.model_io import load_model
+
+        model.load_state_dict(load_model(config.init_from)[2]["state_dict"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     start_epoch, history = _restore_checkpoint(model, optimizer, loop_config)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
