@@ -6,7 +6,7 @@
         --set variants='runs/robustness/predictions/*/report/per_image_errors.csv'
 
 `--train-errors` is the training split as `fetalpipe calibrate` measured it (signals and errors per image, kept next to
-the calibrated model). For each flag budget the rule is fitted there exactly as `calibrate` fits it
+the calibrated model; the errors are taken after the model's size line, as `calibrate` takes them). For each flag budget the rule is fitted there exactly as `calibrate` fits it
 (`review.ReviewRule.fit`), then applied to each labelled set given by `--set NAME=GLOB` (evaluate's per-image CSVs,
 which carry the signals). The row marked "shipped" is the rule stored in --model. For comparison: flagging the
 lowest-confidence images alone (stage 1's map confidence), at the same share. Prints the table and writes
@@ -20,11 +20,11 @@ import json
 import os
 import sys
 
-import numpy as np
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fetalpipe.calibration import SizeCalibration  # noqa: E402
 from fetalpipe.model_io import file_sha256, read_model_header  # noqa: E402
 from fetalpipe.review import LARGE_ERROR_MM, SIGNALS, ReviewRule, catch_curve  # noqa: E402
 
@@ -54,9 +54,14 @@ def main() -> None:
     parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "review_curve.json"))
     args = parser.parse_args()
 
+    header = read_model_header(args.model)
     train = pd.read_csv(args.train_errors)
+    line = SizeCalibration.from_dict(header.get("calibration"))
+    if line is not None:  # the errors calibrate fits the rule on: after the size line, as inference reports them
+        measured = (train["reference_hc_mm"] + train["hc_ellipse_diff_mm"]).to_numpy()
+        train["hc_ellipse_diff_mm"] = measured * line.scale(measured) - train["reference_hc_mm"].to_numpy()
     sets = {name: read_set(pattern) for name, pattern in (item.split("=", 1) for item in args.set)}
-    shipped = ReviewRule.from_dict(read_model_header(args.model).get("review"))
+    shipped = ReviewRule.from_dict(header.get("review"))
     rules = [(f"fitted at {budget:.0%}", ReviewRule.fit(train, train["hc_ellipse_diff_mm"].abs().to_numpy(), max_flagged_fraction=budget)) for budget in BUDGETS]
     if shipped is not None:
         rules.append(("shipped", shipped))

@@ -127,7 +127,7 @@ def main() -> None:
         results[name] = {"images": summary["rows"], "heads_found": summary["ok"], "seconds": round(time.perf_counter() - started, 1), **metrics}
         print(f"{name}: HC MAE {metrics['hc_ellipse_mae_mm']:.3f} mm, {summary['rows'] - summary['ok']} lost", flush=True)
     clean = results.get("clean", {}).get("hc_ellipse_mae_mm")
-    print(f"\n| variant | images | heads lost | HC MAE (mm) | vs clean (mm) | images > 5 mm | flagged | of those > 5 mm, flagged |")
+    print("\n| variant | images | heads lost | HC MAE (mm) | vs clean (mm) | images > 5 mm | flagged | of those > 5 mm, flagged |")
     print("|---|---|---|---|---|---|---|---|")
     for name, result in results.items():
         delta = f"{result['hc_ellipse_mae_mm'] - clean:+.2f}" if clean is not None else "—"

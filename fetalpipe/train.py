@@ -242,27 +242,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(start_epoch, config.epochs):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(config.lr_schedule, epoch, config.epochs)
-        model.train()
         started = time.perf_counter()
-        loss_sum, seen = 0.0, 0
-        for batch in train_shard.iter_torch_batches(batch_size=config.batch_size, local_shuffle_buffer_size=4 * config.batch_size, drop_last=False):
+
+        def batch_loss(batch):
             images = batch["image"].float().contiguous(memory_format=memory_format)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
                 predicted = model(images)
-            loss = heatmap_loss(predicted, batch["heatmaps"].float(), config.loss, config.foreground_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(images)
-            seen += len(images)
+            return heatmap_loss(predicted, batch["heatmaps"].float(), config.loss, config.foreground_weight), len(images)
+
+        loss_sum, seen = _train_one_epoch(model, optimizer, train_shard, config.batch_size, batch_loss)
         train_seconds = time.perf_counter() - started
-
-        bare_model.eval()
-        if world_size > 1:  # every rank scores with rank 0's BatchNorm statistics, the ones the checkpoint keeps
-            import torch.distributed as dist
-
-            for buffer in bare_model.buffers():
-                dist.broadcast(buffer, src=0)
+        _score_with_rank0_batchnorm(bare_model, world_size)
         val_loss_sum, val_seen, error_tables = 0.0, 0, []
         # Every rank sees all of validation (an equal split would drop images) and scores every world_size-th batch.
         with torch.no_grad():
@@ -290,10 +280,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             train_seconds,
             epoch_seconds,
         ], dtype=np.float64)
-        if world_size > 1:
-            tensor = torch.from_numpy(sums)
-            dist.all_reduce(tensor)
-            sums = tensor.numpy()
+        sums = _sum_over_ranks(sums, world_size)
         with_mm = max(sums[8], 1)
         metrics = {
             "epoch": epoch + 1,
@@ -312,6 +299,41 @@ def train_loop_per_worker(loop_config: dict) -> None:
         }
         history.append(metrics)
         _checkpoint_and_report(rank, epoch, history, bare_model, optimizer, config.to_dict(), metrics)
+
+
+def _train_one_epoch(model, optimizer, shard, batch_size: int, batch_loss) -> tuple[float, int]:
+    """One pass over this worker's shard; `batch_loss(batch)` -> (loss tensor, images). Returns (loss sum, images)."""
+    model.train()
+    loss_sum, seen = 0.0, 0
+    for batch in shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=4 * batch_size, drop_last=False):
+        loss, images = batch_loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * images
+        seen += images
+    return loss_sum, seen
+
+
+def _sum_over_ranks(sums: np.ndarray, world_size: int) -> np.ndarray:
+    if world_size == 1:
+        return sums
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.from_numpy(sums)
+    dist.all_reduce(tensor)
+    return tensor.numpy()
+
+
+def _score_with_rank0_batchnorm(bare_model, world_size: int) -> None:
+    """Eval mode, and every rank scores with rank 0's BatchNorm statistics, the ones the checkpoint keeps."""
+    bare_model.eval()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        for buffer in bare_model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _restore_checkpoint(model, optimizer, loop_config: dict) -> tuple[int, list]:
@@ -395,25 +417,15 @@ def refinement_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(start_epoch, config.epochs):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor("cosine", epoch, config.epochs)
-        model.train()
         started = time.perf_counter()
-        loss_sum, seen = 0.0, 0
-        for batch in train_shard.iter_torch_batches(batch_size=config.batch_size, local_shuffle_buffer_size=4 * config.batch_size):
+
+        def batch_loss(batch):
             images = batch["image"].float().contiguous(memory_format=torch.channels_last)
-            loss = polar_loss(model(images), batch["target"].float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(images)
-            seen += len(images)
+            return polar_loss(model(images), batch["target"].float()), len(images)
+
+        loss_sum, seen = _train_one_epoch(model, optimizer, train_shard, config.batch_size, batch_loss)
         train_seconds = time.perf_counter() - started
-
-        bare_model.eval()
-        if world_size > 1:
-            import torch.distributed as dist
-
-            for buffer in bare_model.buffers():
-                dist.broadcast(buffer, src=0)
+        _score_with_rank0_batchnorm(bare_model, world_size)
         val_loss_sum, error_tables = 0.0, []
         with torch.no_grad():
             val_batches = val_shard.iter_batches(batch_size=32, batch_format="numpy")
@@ -429,10 +441,7 @@ def refinement_loop_per_worker(loop_config: dict) -> None:
         errors = pd.concat(error_tables) if error_tables else pd.DataFrame(columns=["hc_diff_mm", "bpd_diff_mm", "ofd_diff_mm", "prior_hc_diff_mm"])
         sums = np.array([loss_sum, seen, val_loss_sum, len(errors), *(errors[c].abs().sum() for c in ("hc_diff_mm", "bpd_diff_mm", "ofd_diff_mm", "prior_hc_diff_mm")),
                          train_seconds, time.perf_counter() - started], dtype=np.float64)
-        if world_size > 1:
-            tensor = torch.from_numpy(sums)
-            dist.all_reduce(tensor)
-            sums = tensor.numpy()
+        sums = _sum_over_ranks(sums, world_size)
         val_images = max(sums[3], 1)
         metrics = {
             "epoch": epoch + 1, "train_loss": sums[0] / max(sums[1], 1), "val_loss": sums[2] / val_images,

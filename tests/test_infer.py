@@ -75,7 +75,8 @@ def test_contract_errors_resume_and_idempotency(ray_local, tiny_model_path, arch
     assert summary["processed_this_run"] == 10 - 3  # resume: only what was not done
     parquet = read_predictions(str(output))
     csv = pd.read_csv(output / "predictions.csv")
-    csv["error"] = csv["error"].fillna("")  # CSV cannot tell an empty string from a missing value
+    for column in ("error", "review_reason"):
+        csv[column] = csv[column].fillna("")  # CSV cannot tell an empty string from a missing value
     assert list(csv.columns[: len(CONTRACT_COLUMNS)]) == CONTRACT_COLUMNS
     assert "subject_id" in csv.columns
     assert len(csv) == 10 and csv["image_path"].is_unique

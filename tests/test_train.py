@@ -115,11 +115,15 @@ def test_refinement_stage_trains_after_a_given_stage1_and_both_run_in_inference(
     from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_refinement_model, read_model_header
 
     path = tmp_path / "tiny_refine.yaml"
-    path.write_text(yaml.safe_dump({"base": "ellipse_refine", "val_fraction": 0.07,
-                                    "refinement": {"epochs": 1, "batch_size": 4, "model": {"base_width": 4, "depth": 3}}}))
+    path.write_text(yaml.safe_dump({"base": "ellipse_refine", "refinement": {"epochs": 1, "batch_size": 4, "model": {"base_width": 4, "depth": 3}}}))
     config = resolve_config(str(path))
+    # The split is stage 1's (its file's val_fraction); the sample's own subjects are all on the validation side of it.
+    manifest = pd.read_csv(sample_manifest_copy)
+    manifest["subject_id"] = [f"subject-{index}" for index in range(len(manifest))]
+    manifest_path = str(tmp_path / "manifest.csv")
+    manifest.to_csv(manifest_path, index=False)
     run_dir = tmp_path / "run"
-    result = run_training(sample_manifest_copy, str(run_dir), config, workers=2, threads_per_worker=1, stage1_model=DEFAULT_MODEL_PATH)
+    result = run_training(manifest_path, str(run_dir), config, workers=2, threads_per_worker=1, stage1_model=DEFAULT_MODEL_PATH)
     metrics = pd.read_csv(run_dir / "refinement" / "metrics.csv")
     assert list(metrics["epoch"]) == [1] and result["refinement"]["best_epoch"] == 1
     assert {"val_hc_mae_mm", "val_prior_hc_mae_mm", "val_bpd_mae_mm", "val_ofd_mae_mm"} <= set(metrics.columns)
