@@ -97,13 +97,13 @@ def test_contract_errors_resume_and_idempotency(ray_local, tiny_model_path, arch
     assert dicom["hc_mm"] == pytest.approx(dicom["hc_px"] * 0.2)
     assert len(os.listdir(output / "overlays")) == 5
     record = json.loads((output / "run.json").read_text())
-    assert record["counts"] == {"rows": 10, "ok": 5, "error": 5, "processed_this_run": 7}
+    assert record["counts"] == {"rows": 10, "ok": 5, "error": 5, "needs_review": int(csv["needs_review"].astype(bool).sum()), "processed_this_run": 7}
     assert record["model_sha256"] == ok["model_sha256"].iloc[0]
 
     # Rerun: nothing to do, identical rows.
     again = run_inference(options)
     assert again["processed_this_run"] == 0
-    pd.testing.assert_frame_equal(pd.read_csv(output / "predictions.csv").fillna({"error": ""}), csv)
+    pd.testing.assert_frame_equal(pd.read_csv(output / "predictions.csv").fillna({"error": "", "review_reason": ""}), csv)
 
     # A changed file is redone and replaces its old row (never a duplicate).
     first_image = archive.parent / pd.read_csv(archive)["image_path"][0]
