@@ -23,6 +23,16 @@ from fetalpipe.model import MODEL_CONFIGS, ModelConfig
 from fetalpipe.polar import PolarCodec
 
 
+def _model_and_fields(config_class, values: dict, what: str) -> tuple[dict, dict]:
+    """(the nested model config, the other fields) of a config dict; a key the class does not have is an error."""
+    values = dict(values)
+    model = values.pop("model", {})
+    unknown = set(values) - {f.name for f in dataclasses.fields(config_class)}
+    if unknown:
+        raise ValueError(f"unknown {what} config keys: {sorted(unknown)}")
+    return model, values
+
+
 AUGMENT_PRESETS = {"standard": AugmentConfig(), "archive": ARCHIVE_AUGMENT, "archive_fine_tune": ARCHIVE_FINE_TUNE_AUGMENT}
 
 
@@ -50,11 +60,7 @@ class RefinementConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "RefinementConfig":
-        values = dict(values)
-        model = values.pop("model", {})
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown refinement config keys: {sorted(unknown)}")
+        model, values = _model_and_fields(cls, values, "refinement")
         if "radius_range" in values:
             values["radius_range"] = tuple(values["radius_range"])
         return cls(model=model if isinstance(model, ModelConfig) else ModelConfig(**{**dataclasses.asdict(cls().model), **model}), **values)
@@ -99,11 +105,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        values = dict(values)
-        model = values.pop("model", {})
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        model, values = _model_and_fields(cls, values, "training")
         model_config = model if isinstance(model, ModelConfig) else ModelConfig(**model)
         refinement = values.pop("refinement", None)
         if refinement is not None and not isinstance(refinement, RefinementConfig):
