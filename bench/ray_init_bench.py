@@ -4,7 +4,7 @@
 
 Each measurement runs in a fresh Python process (Ray can only start once per process): import ray, `ray.init(address="local",
 include_dashboard=False, **options)`, one trivial task, `ray.shutdown()`. One variant also loads the shipped model (importing torch)
-in a thread meanwhile, as the driver of `fetalpipe infer` did before session 5. With --profile, one more process runs `ray.init` under
+in a thread meanwhile, as the driver of `fetalpipe infer` once did (before it read the header without torch). With --profile, one more process runs `ray.init` under
 cProfile and prints the calls that took longest. Prints a table and writes bench/results/ray_init.json."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ OPTIONS = {
     "num_cpus=2": {"num_cpus": 2},
     "no worker prestart": {"_system_config": {"enable_worker_prestart": False}},
     "log_to_driver=False": {"log_to_driver": False},
-    # Not a ray.init option: the driver loads the model (importing torch) in a thread meanwhile, as `fetalpipe infer` did before session 5.
+    # Not a ray.init option: the driver loads the model (importing torch) in a thread meanwhile, as `fetalpipe infer` once did.
     "model loaded in a thread": {"load_model_in_thread": True},
 }
 

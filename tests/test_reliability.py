@@ -157,7 +157,7 @@ def parent_pid(pid: int) -> int:
 
 
 def processes_named(fragment: str) -> list[int]:
-    """PIDs of this session's Ray workers (children of the raylet this test process started) whose
+    """PIDs of this test run's Ray workers (children of the raylet this test process started) whose
     command line (Ray sets it to the actor's class) contains `fragment`. Other Ray instances on the machine are left alone."""
     found = []
     for entry in os.listdir("/proc"):
