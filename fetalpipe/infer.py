@@ -113,16 +113,21 @@ def resolve_precision(requested: str, model_header: dict) -> str:
     return "fp32" if requested == "fp32" or not has_quantization else "int8"
 
 
-def load_inference_model(model_path: str, precision: str):
-    """(model ready for `model.to_model_input(...)` batches, TrainConfig, payload) in "int8" or "fp32" (resolved)."""
+def inference_network(model, precision: str, quantization: dict | None, input_shape):
+    """One stage's network ready for `model.to_model_input(...)` batches: int8 from its stored parameters when `precision`
+    is "int8" and the file has them for it, else fp32 with BatchNorm folded."""
     from fetalpipe.model import prepare_for_inference
-    from fetalpipe.model_io import load_model
     from fetalpipe.quantize import to_int8
 
+    return to_int8(model, quantization, input_shape) if precision == "int8" and quantization else prepare_for_inference(model)
+
+
+def load_inference_model(model_path: str, precision: str):
+    """(stage 1 ready for `model.to_model_input(...)` batches, TrainConfig, payload) in "int8" or "fp32" (resolved)."""
+    from fetalpipe.model_io import load_model
+
     model, config, payload = load_model(model_path)
-    if precision == "int8":
-        return to_int8(model, payload["int8_quantization"], config.input_size), config, payload
-    return prepare_for_inference(model), config, payload
+    return inference_network(model, precision, payload.get("int8_quantization"), config.input_size), config, payload
 
 
 class LandmarkPredictor:
@@ -137,10 +142,7 @@ class LandmarkPredictor:
         import torch
 
         from fetalpipe.calibration import SizeCalibration
-        from fetalpipe.model_io import file_sha256
-
-        from fetalpipe.model import prepare_for_inference
-        from fetalpipe.model_io import load_refinement_model
+        from fetalpipe.model_io import file_sha256, load_refinement_model
         from fetalpipe.review import ReviewRule
 
         torch.set_num_threads(threads)
@@ -151,13 +153,8 @@ class LandmarkPredictor:
         self.codec = self.config.codec()
         refinement = load_refinement_model(self.config, payload, model_path)
         self.polar_codec = self.config.refinement.codec() if refinement is not None else None
-        self.refinement = None
-        if refinement is not None and precision == "int8" and payload.get("refinement_int8_quantization"):
-            from fetalpipe.quantize import to_int8
-
-            self.refinement = to_int8(refinement, payload["refinement_int8_quantization"], self.polar_codec.input_shape)
-        elif refinement is not None:
-            self.refinement = prepare_for_inference(refinement)
+        self.refinement = None if refinement is None else inference_network(
+            refinement, precision, payload.get("refinement_int8_quantization"), self.polar_codec.input_shape)
         self.model_sha256 = file_sha256(model_path)
         self.flip_average = flip_average
         self.predictions_dir = predictions_dir
@@ -179,7 +176,7 @@ class LandmarkPredictor:
         return np.concatenate(outputs)
 
     def refine(self, originals: np.ndarray, stage1_points_px: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Stage 2: [N] original images (float32 [H, W] in [0, 1]) and stage 1's [N, 4, 2] endpoints (original pixels) -> refined endpoints
+        """Stage 2: [N >= 1] original images (float32 [H, W] in [0, 1]) and stage 1's [N, 4, 2] endpoints (original pixels) -> refined endpoints
         (original pixels) and the review flag's signals, in original pixels: how far stage 2 moved the perimeter,
         how far its ray points lie from the ellipse fitted to them (RMS), and how spread its rays' softmaxes are."""
         import torch
@@ -188,13 +185,11 @@ class LandmarkPredictor:
         from fetalpipe.model import to_model_input
 
         priors = ellipse_geometry.from_endpoints(stage1_points_px)
-        crops = np.stack([self.polar_codec.crop(pixels, prior) for pixels, prior in zip(originals, priors)]) if len(priors) else np.zeros((0, *self.polar_codec.input_shape), np.float32)
+        crops = np.stack([self.polar_codec.crop(pixels, prior) for pixels, prior in zip(originals, priors)])
         logits = []
         with torch.inference_mode():
             for start in range(0, len(crops), FORWARD_BATCH):
                 logits.append(self.refinement(to_model_input(crops[start:start + FORWARD_BATCH]))[:, 0].float().numpy())
-        if not logits:
-            return stage1_points_px, {}
         refined, diagnostics = self.polar_codec.decode(np.concatenate(logits), priors)
         signals_px = {
             "stage_disagreement": np.abs(ellipse_geometry.perimeter(refined) - ellipse_geometry.perimeter(priors)),
@@ -230,8 +225,8 @@ class LandmarkPredictor:
             for slot, index in enumerate(ok):
                 points_original[index] = transforms[slot].to_original(points_model[slot])
             confidence[ok] = peak_values.mean(axis=1)
-            if self.refinement is not None:
-                found = ok[np.isfinite(points_original[ok]).all(axis=(1, 2))]
+            found = ok[np.isfinite(points_original[ok]).all(axis=(1, 2))]
+            if self.refinement is not None and len(found):
                 points_original[found], signals_px = self.refine(batch["original_pixels"][found], points_original[found])
                 for name, values_px in signals_px.items():  # in mm: a 5 mm error is 2 % of a late head and 5 % of an early one
                     signals[f"{name}_mm"][found] = values_px * batch["pixel_spacing_mm"][found]

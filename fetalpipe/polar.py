@@ -108,12 +108,17 @@ class PolarCodec:
         return target.astype(np.float32)
 
     # ---- decode ------------------------------------------------------------------------------------------------
-    def decode_columns(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[B, rows, columns] logits -> (fractional column per central row [B, angles], peak mass [B, angles]): the
-        softmax's mean within PEAK_WINDOW_BINS of its peak, and how much of the softmax lies there (1 = certain)."""
+    def central_softmax(self, logits: np.ndarray) -> np.ndarray:
+        """[B, rows, columns] logits -> [B, angles, columns]: each central row's softmax over the radius."""
         central = np.asarray(logits, dtype=np.float64)[:, self.wrap_rows:self.wrap_rows + self.angles]
         probability = np.exp(central - central.max(axis=-1, keepdims=True))
-        probability /= probability.sum(axis=-1, keepdims=True)
+        return probability / probability.sum(axis=-1, keepdims=True)
+
+    def decode_columns(self, logits: np.ndarray, probability: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """[B, rows, columns] logits -> (fractional column per central row [B, angles], peak mass [B, angles]): the
+        softmax's mean within PEAK_WINDOW_BINS of its peak, and how much of the softmax lies there (1 = certain).
+        `probability`: `central_softmax(logits)` when the caller has it already."""
+        probability = self.central_softmax(logits) if probability is None else probability
         peak = probability.argmax(axis=-1)
         grid = np.arange(self.radii)
         window = np.abs(grid[None, None, :] - peak[..., None]) <= PEAK_WINDOW_BINS
@@ -128,8 +133,9 @@ class PolarCodec:
         from the fitted ellipse, as a fraction of its mean semi-axis), `radial_spread_px` (the mean over rays of the
         softmax's standard deviation, in original pixels). One robust pass: points further than 3× the
         median residual (and 1 % of the radius) from the first fit are left out of the second."""
-        columns, mass = self.decode_columns(logits)
-        spread_columns = self.column_spread(logits)
+        probability = self.central_softmax(logits)
+        columns, mass = self.decode_columns(logits, probability)
+        spread_columns = self.column_spread(probability)
         rows = np.arange(self.angles) + self.wrap_rows
         spread_px = np.full(len(priors), np.nan)
         ellipses = np.full((len(priors), 5), np.nan)
@@ -147,12 +153,9 @@ class PolarCodec:
             residual[index] = np.sqrt(np.mean(ellipse_geometry.radial_residuals_px(points, fitted) ** 2)) / ((fitted[2] + fitted[3]) / 2)
         return ellipses, {"peak_mass": mass.mean(axis=1), "fit_residual": residual, "radial_spread_px": spread_px}
 
-    def column_spread(self, logits: np.ndarray) -> np.ndarray:
-        """[B, angles]: the standard deviation of each central row's softmax over columns (two candidate edges on one ray
-        give a large one, where the peak mass alone may not say so)."""
-        central = np.asarray(logits, dtype=np.float64)[:, self.wrap_rows:self.wrap_rows + self.angles]
-        probability = np.exp(central - central.max(axis=-1, keepdims=True))
-        probability /= probability.sum(axis=-1, keepdims=True)
+    def column_spread(self, probability: np.ndarray) -> np.ndarray:
+        """[B, angles, columns] `central_softmax` -> [B, angles]: the standard deviation of each row's softmax over columns
+        (two candidate edges on one ray give a large one, where the peak mass alone may not say so)."""
         grid = np.arange(self.radii)
         mean = (probability * grid).sum(axis=-1)
         return np.sqrt(np.maximum((probability * grid**2).sum(axis=-1) - mean**2, 0.0))

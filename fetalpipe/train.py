@@ -460,7 +460,7 @@ def _rows_with_status(batch: dict[str, np.ndarray], ok: bool) -> dict[str, np.nd
     return {key: value[keep] for key, value in batch.items()}
 
 
-def build_datasets(table: pd.DataFrame, config: TrainConfig, blocks: int = 8):
+def build_datasets(train_table: pd.DataFrame, val_table: pd.DataFrame, config: TrainConfig, blocks: int = 8):
     """Ray Data: decode/resize/scale once (materialised; float32 at 256² is ~0.26 MB an image), then
     per epoch a lazy augment + heatmap-encode stage that re-runs on every pass."""
     import functools
@@ -470,7 +470,7 @@ def build_datasets(table: pd.DataFrame, config: TrainConfig, blocks: int = 8):
     from fetalpipe.preprocess import decode_batch, encode_batch, scale_landmarks_batch
 
     codec = config.codec()
-    columns = [c for c in table.columns if c in {"image_path", "subject_id", "pixel_spacing_mm", "hc_mm"} or c.endswith(("_x", "_y"))]
+    columns = [c for c in train_table.columns if c in {"image_path", "subject_id", "pixel_spacing_mm", "hc_mm"} or c.endswith(("_x", "_y"))]
 
     def prepared(part: pd.DataFrame, augment: AugmentConfig | None):
         if "pixel_spacing_mm" not in part.columns:
@@ -496,9 +496,6 @@ def build_datasets(table: pd.DataFrame, config: TrainConfig, blocks: int = 8):
         # Without augmentation the targets never change: encode them once, not on every epoch and rank.
         return encoded if augment is not None else encoded.materialize()
 
-    train_table, val_table = split_by_subject(table, config.val_fraction)
-    if len(train_table) == 0 or len(val_table) == 0:
-        raise ValueError(f"split by subject left {len(train_table)} train / {len(val_table)} validation images; need both")
     skipped: list[pd.DataFrame] = []
     train_ds = prepared(train_table, AUGMENT_PRESETS[config.augmentation] if config.augment else None)
     val_ds = prepared(val_table, None)
@@ -617,7 +614,7 @@ def _train_stage(stage_dir: str, manifest_path: str, table: pd.DataFrame, config
         train_count, val_count = len(train_table) - len(skipped), None
         loop, loop_config = refinement_loop_per_worker, {"refinement_config": dataclasses.asdict(config.refinement)}
     else:
-        train_ds, val_ds, train_count, val_count, skipped = build_datasets(table, config)
+        train_ds, val_ds, train_count, val_count, skipped = build_datasets(train_table, val_table, config)
         loop, loop_config = train_loop_per_worker, {"train_config": config.to_dict()}
     skipped.to_csv(os.path.join(stage_dir, "skipped_images.csv"), index=False)
     if len(skipped):
