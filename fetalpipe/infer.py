@@ -26,14 +26,19 @@ import pyarrow.parquet as pq
 
 from fetalpipe import LANDMARK_COLUMNS, __version__
 from fetalpipe.biometry import biometry_mm
+from fetalpipe.clinical import clinical_columns
 from fetalpipe.imaging import ResizeTransform
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 # The review flag's inputs (`fetalpipe.review`); stage 1's `confidence` is the seventh.
 REVIEW_SIGNAL_COLUMNS = ("stage_disagreement_mm", "outline_fit_residual_mm", "outline_spread_mm", "outline_outside_frame", "axis_ratio", "head_size_fraction")
 BIOMETRY_COLUMNS = ("ofd_px", "bpd_px", "hc_px", "hc_ellipse_px", "ofd_mm", "bpd_mm", "hc_mm", "hc_ellipse_mm")
+# From hc_ellipse_mm (`fetalpipe.clinical`); the INTERGROWTH-21st two need the manifest's gestational age.
+CLINICAL_COLUMNS = ("ga_from_hc_weeks", "hc_z_intergrowth21", "hc_centile_intergrowth21")
+# Manifest columns that travel to the actors as numbers (every other extra column travels as text).
+NUMERIC_MANIFEST_COLUMNS = ("pixel_spacing_mm", "gestational_age_weeks", "gestational_age_days")
 OUTPUT_COLUMNS = (
-    "image_path", "status", "error", *LANDMARK_COLUMNS, *BIOMETRY_COLUMNS[:4], "pixel_spacing_mm", *BIOMETRY_COLUMNS[4:],
+    "image_path", "status", "error", *LANDMARK_COLUMNS, *BIOMETRY_COLUMNS[:4], "pixel_spacing_mm", *BIOMETRY_COLUMNS[4:], *CLINICAL_COLUMNS,
     "confidence", "needs_review", "review_reason", *REVIEW_SIGNAL_COLUMNS, "size_calibration_scale", "model_sha256", "precision", "fetalpipe_version", "file_sha256", "original_width", "original_height", "run_id",
 )
 # Share of a CPU each stage asks Ray for: the model takes most of the time, decoding the rest.
@@ -242,6 +247,7 @@ class LandmarkPredictor:
             output["error"] = np.where(not_found, "no fetal head found (model output below detection threshold)", batch["error"]).astype(object)
         output.update({column: points_original.reshape(count, 8)[:, i] for i, column in enumerate(LANDMARK_COLUMNS)})
         output.update(biometry_mm(points_original, batch["pixel_spacing_mm"]))
+        output.update(clinical_columns(output["hc_ellipse_mm"], batch.get("gestational_age_weeks")))
         output["confidence"] = confidence
         output["needs_review"], output["review_reason"] = self.review(signals, confidence, output["status"])
         output.update(signals)
@@ -415,7 +421,7 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
     table = pending.copy()
     if "pixel_spacing_mm" not in table:
         table["pixel_spacing_mm"] = np.nan
-    carried = [c for c in table.columns if c not in ("image_path", "pixel_spacing_mm")]
+    carried = [c for c in table.columns if c not in ("image_path", *NUMERIC_MANIFEST_COLUMNS)]
     table[carried] = table[carried].astype(str)
     table["run_id"] = run_id
     table["run_sequence"] = int(time.time() * 1000)

@@ -1,7 +1,8 @@
 """The manifest: one table (CSV or Parquet) that names images and, for training, their landmarks.
 
 Columns: ``image_path`` (absolute, or relative to the manifest's folder), optional ``subject_id``,
-optional ``pixel_spacing_mm``, and for training ``ofd1_x … bpd2_y`` in original image pixels.
+optional ``pixel_spacing_mm``, optional ``gestational_age_weeks`` (decimal weeks) or ``gestational_age_days``
+(clinical context: `fetalpipe.clinical`), and for training ``ofd1_x … bpd2_y`` in original image pixels.
 Any other column is carried through to the outputs untouched.
 """
 
@@ -81,14 +82,12 @@ def validate_manifest(
     if "subject_id" in table.columns:
         table["subject_id"] = table["subject_id"].astype(str)
     if "pixel_spacing_mm" in table.columns:
-        spacing = pd.to_numeric(table["pixel_spacing_mm"], errors="coerce")
-        for row in range(len(table)):
-            raw, value = table["pixel_spacing_mm"][row], spacing[row]
-            if pd.isna(value) and not pd.isna(raw):
-                raise ManifestError(f"{source}: row {row + 1}, column 'pixel_spacing_mm': not a number ({raw!r})")
-            if not pd.isna(value) and value <= 0:
-                raise ManifestError(f"{source}: row {row + 1}, column 'pixel_spacing_mm': must be positive, got {value}")
-        table["pixel_spacing_mm"] = spacing.astype("float64")
+        table["pixel_spacing_mm"] = _optional_number_column(table, "pixel_spacing_mm", source, allow_zero=False)
+    for column in ("gestational_age_weeks", "gestational_age_days"):
+        if column in table.columns:
+            table[column] = _optional_number_column(table, column, source, allow_zero=True)
+    if "gestational_age_days" in table.columns and "gestational_age_weeks" not in table.columns:
+        table["gestational_age_weeks"] = table["gestational_age_days"] / 7.0
     if require_landmarks:
         missing = [column for column in LANDMARK_COLUMNS if column not in table.columns]
         if missing:
@@ -107,6 +106,19 @@ def validate_manifest(
     if check_images:
         _check_images(table, source, require_landmarks)
     return table
+
+
+def _optional_number_column(table: pd.DataFrame, column: str, source: str, allow_zero: bool) -> pd.Series:
+    """The column as float64: empty cells are NaN (unknown); text, infinities and negative values (or zero, unless
+    `allow_zero`) are errors that name the row."""
+    values = pd.to_numeric(table[column], errors="coerce")
+    for row in range(len(table)):
+        raw, value = table[column][row], values[row]
+        if (pd.isna(value) and not pd.isna(raw)) or (not pd.isna(value) and not np.isfinite(value)):
+            raise ManifestError(f"{source}: row {row + 1}, column '{column}': not a number ({raw!r})")
+        if not pd.isna(value) and (value < 0 or (value == 0 and not allow_zero)):
+            raise ManifestError(f"{source}: row {row + 1}, column '{column}': must be {'non-negative' if allow_zero else 'positive'}, got {value}")
+    return values.astype("float64")
 
 
 def _check_images(table: pd.DataFrame, source: str, check_points: bool) -> None:

@@ -14,12 +14,14 @@ import pytest
 from conftest import SAMPLE_DIR, SAMPLE_MANIFEST, write_png
 from fetalpipe import LANDMARK_COLUMNS
 from fetalpipe.cli import main
+from fetalpipe.clinical import ga_from_hc_weeks, hc_z_intergrowth21
 from fetalpipe.infer import InferOptions, read_predictions, run_inference
 from test_imaging import GRAY, make_dicom
 
 CONTRACT_COLUMNS = [
     "image_path", "status", "error", *LANDMARK_COLUMNS, "ofd_px", "bpd_px", "hc_px", "hc_ellipse_px",
-    "pixel_spacing_mm", "ofd_mm", "bpd_mm", "hc_mm", "hc_ellipse_mm", "confidence", "needs_review", "review_reason",
+    "pixel_spacing_mm", "ofd_mm", "bpd_mm", "hc_mm", "hc_ellipse_mm", "ga_from_hc_weeks", "hc_z_intergrowth21", "hc_centile_intergrowth21",
+    "confidence", "needs_review", "review_reason",
     "stage_disagreement_mm", "outline_fit_residual_mm", "outline_spread_mm", "outline_outside_frame", "axis_ratio", "head_size_fraction",
     "size_calibration_scale", "model_sha256", "precision", "fetalpipe_version",
 ]
@@ -35,7 +37,8 @@ def archive(tmp_path):
     for row in sample.itertuples():
         target = folder / f"scan {row.subject_id} é.png"  # spaces and non-ASCII in names
         shutil.copy(os.path.join(SAMPLE_DIR, row.image_path), target)
-        rows.append({"image_path": target.name, "subject_id": row.subject_id, "pixel_spacing_mm": row.pixel_spacing_mm})
+        rows.append({"image_path": target.name, "subject_id": row.subject_id, "pixel_spacing_mm": row.pixel_spacing_mm,
+                     "gestational_age_weeks": 20.0 + row.Index if row.Index < 3 else np.nan})  # one without a known GA
     real = cv2.imread(os.path.join(SAMPLE_DIR, sample.image_path[0]), cv2.IMREAD_GRAYSCALE)
     (folder / "scan.dcm").write_bytes(make_dicom(real.astype(np.uint16), spacing=0.2))
     rows.append({"image_path": "scan.dcm", "subject_id": "dicom", "pixel_spacing_mm": np.nan})
@@ -92,6 +95,10 @@ def test_contract_errors_resume_and_idempotency(ray_local, tiny_model_path, arch
     ok = csv[csv["status"] == "ok"]
     assert len(ok) == 5
     assert ok[list(LANDMARK_COLUMNS)].notna().all().all()
+    # Clinical context: computed from hc_ellipse_mm, the INTERGROWTH-21st pair only where the manifest gives a GA.
+    np.testing.assert_allclose(ok["ga_from_hc_weeks"], ga_from_hc_weeks(ok["hc_ellipse_mm"].to_numpy()), equal_nan=True)
+    np.testing.assert_allclose(ok["hc_z_intergrowth21"], hc_z_intergrowth21(ok["hc_ellipse_mm"].to_numpy(), ok["gestational_age_weeks"].to_numpy()), equal_nan=True)
+    assert ok["gestational_age_weeks"].notna().sum() == 3 and ok.loc[ok["gestational_age_weeks"].isna(), "hc_z_intergrowth21"].isna().all()
     dicom = by_name.loc["scan.dcm"]
     assert dicom["pixel_spacing_mm"] == pytest.approx(0.2)  # read from the file
     assert dicom["hc_mm"] == pytest.approx(dicom["hc_px"] * 0.2)
