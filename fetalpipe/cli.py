@@ -65,10 +65,9 @@ def _cmd_infer(args) -> int:
         output_dir=args.output, manifest=args.manifest, input_glob=args.input, model_path=args.model,
         batch_size=args.batch_size, actors=args.actors, threads_per_actor=args.threads_per_actor,
         overlays=args.overlays, overwrite=args.overwrite, ray_address=args.address, flip_average=args.flip_average,
-        decode_in=args.decode_in, precision=args.precision,
+        decode_in=args.decode_in, precision=args.precision, verbose=args.verbose,
     )
-    summary = run_inference(options)
-    print(json.dumps({k: summary[k] for k in ("rows", "ok", "error", "processed_this_run", "seconds")}, indent=2))
+    run_inference(options)
     return 0
 
 
@@ -94,14 +93,21 @@ def _cmd_calibrate(args) -> int:
 def _cmd_study(args) -> int:
     from fetalpipe.study import run_study
 
-    run_study(args.spec, run_date=args.run_date, ray_address=args.address)
+    run_study(args.spec, run_date=args.run_date, ray_address=args.address, verbose=args.verbose)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from fetalpipe.report import write_report
+
+    print(f"report: {write_report(args.output_dir)}")
     return 0
 
 
 def _cmd_demo(args) -> int:
     from fetalpipe.infer import run_demo
 
-    run_demo(args.output, ray_address=args.address)
+    run_demo(args.output, ray_address=args.address, verbose=args.verbose)
     return 0
 
 
@@ -147,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--precision", choices=("auto", "int8", "fp32"), default="auto",
                          help="auto (default): int8 when the model file has int8 parameters (written by `calibrate`; about 2x faster forward), else fp32")
     command.add_argument("--address")
+    command.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console (default: OUT/logs/ray.log)")
     command.set_defaults(handler=_cmd_infer)
 
     command = commands.add_parser("calibrate", help="choose int8 parameters and fit the size calibration on the model's training split; write the calibrated model")
@@ -168,11 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec")
     run.add_argument("--run-date", help="YYYY-MM-DD (default: today)")
     run.add_argument("--address")
+    run.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console (default: OUT/logs/ray.log)")
     run.set_defaults(handler=_cmd_study)
+
+    command = commands.add_parser("report", help="write OUT/report.html again from an inference output folder")
+    command.add_argument("output_dir", help="OUT folder of `fetalpipe infer` or a study run")
+    command.set_defaults(handler=_cmd_report)
 
     command = commands.add_parser("demo", help="run inference on the embedded sample with the shipped model")
     command.add_argument("--output", default="fetalpipe-demo")
     command.add_argument("--address")
+    command.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console (default: OUTPUT/logs/ray.log)")
     command.set_defaults(handler=_cmd_demo)
     return parser
 
@@ -180,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
+    from fetalpipe import console
     from fetalpipe.imaging import ImageDecodeError
     from fetalpipe.infer import ActorStartError
     from fetalpipe.manifest import ManifestError
@@ -196,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ManifestError, ModelFileError, ImageDecodeError, ActorStartError, FileNotFoundError, ValueError) as error:
-        print(f"fetalpipe {args.command}: error: {error}", file=sys.stderr)
+        log_path = console.ray_log_path()
+        print(f"fetalpipe {args.command}: error: {error}" + (f" (Ray's log: {log_path})" if log_path else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         signum = received[-1] if received else signal.SIGINT

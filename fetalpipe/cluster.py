@@ -34,15 +34,19 @@ def connect(address: str | None, quiet_ray_train: bool = False) -> None:
     (shut down the local Ray, keep what was written), so a Python handler set before is put back."""
     import ray
 
+    from fetalpipe.console import ray_logs_redirected
+
     if ray.is_initialized():
         return
     handler = signal.getsignal(signal.SIGTERM)
     runtime_env = {"worker_process_setup_hook": "fetalpipe.cluster.quiet_noisy_ray_loggers"} if quiet_ray_train else None
+    # With Ray's logs in a file (`console.ray_logs_to_file`), the workers' output stays in Ray's session logs too.
+    options = {"address": ray_address_or_local(address), "include_dashboard": False, "log_to_driver": not ray_logs_redirected()}
     try:
-        ray.init(address=ray_address_or_local(address), include_dashboard=False, runtime_env=runtime_env)
+        ray.init(**options, runtime_env=runtime_env)
     except ValueError as error:  # `ray job submit --runtime-env` set its own setup hook: keep the job's
         if runtime_env is None or "Failed to merge" not in str(error):
             raise
-        ray.init(address=ray_address_or_local(address), include_dashboard=False)
+        ray.init(**options)
     if callable(handler) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)

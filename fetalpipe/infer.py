@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from fetalpipe import LANDMARK_COLUMNS, __version__
+from fetalpipe import LANDMARK_COLUMNS, __version__, console
 from fetalpipe.biometry import biometry_mm
 from fetalpipe.clinical import clinical_columns
 from fetalpipe.imaging import ResizeTransform
@@ -75,6 +76,9 @@ class InferOptions:
     decode_in: str = "actors"
     # "auto": int8 when the model file holds int8 quantization parameters (written by `fetalpipe calibrate`), else fp32.
     precision: str = "auto"
+    verbose: bool = False  # Ray's own logs on the console instead of OUT/logs/ray.log
+    report: bool = True  # write OUT/report.html at the end
+    print_summary: bool = True  # False: the caller prints it (`print_summary`) after its own lines
 
 
 def collect_inputs(manifest: str | None, input_glob: str | None) -> pd.DataFrame:
@@ -260,7 +264,8 @@ class LandmarkPredictor:
         if self.predictions_dir is None:
             return output
         write_batch(output, self.predictions_dir)
-        return {"rows_written": np.array([count])}
+        return {"rows_written": np.array([count]), "errors": np.array([int((output["status"] == "error").sum())]),
+                "needs_review": np.array([int(np.sum(output["needs_review"]))])}
 
 
 def plausibility_signals(points_original_px: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> dict[str, np.ndarray]:
@@ -375,16 +380,23 @@ def run_inference(options: InferOptions) -> dict:
     pending = inputs[pending_mask].reset_index(drop=True)
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     hint = " (this model file has no int8 parameters: `fetalpipe calibrate` adds them)" if options.precision == "auto" and precision == "fp32" else ""
-    print(f"fetalpipe infer: {len(inputs)} inputs, {len(inputs) - len(pending)} already done, {len(pending)} to process in {precision}{hint}", flush=True)
+    log_path = os.path.join(output_dir, "logs", "ray.log")
+    console.header("infer", {
+        "input": f"{options.manifest or options.input_glob}: {len(inputs)} images, {len(inputs) - len(pending)} already done, {len(pending)} to process",
+        "model": f"{model_path} (sha256 {model_sha256[:12]}…, {precision}{hint})",
+        "actors": f"{options.actors} × {options.threads_per_actor} thread(s), batches of {options.batch_size}",
+        "output": output_dir,
+        "Ray log": "this console (--verbose)" if options.verbose else log_path,
+    })
 
     pipeline_seconds = 0.0
     if len(pending):
-        connect(options.ray_address)
-    if len(pending):
-        pipeline_started = time.perf_counter()
-        _run_pipeline(pending, options, model_path, model_config["input_size"], predictions_dir, run_id, precision,
-                      keep_original=model_config.get("refinement") is not None)
-        pipeline_seconds = time.perf_counter() - pipeline_started
+        with console.ray_logs_to_file(log_path, options.verbose):
+            connect(options.ray_address)
+            pipeline_started = time.perf_counter()
+            _run_pipeline(pending, options, model_path, model_config["input_size"], predictions_dir, run_id, precision,
+                                     keep_original=model_config.get("refinement") is not None)
+            pipeline_seconds = time.perf_counter() - pipeline_started
 
     # The Parquet folder keeps the newest row of every image ever written to it; the CSV shows this manifest's images.
     stored = newest_per_image([existing, read_predictions(output_dir, skip_files=existing_files)])
@@ -407,15 +419,40 @@ def run_inference(options: InferOptions) -> dict:
         "precision": precision, "versions": _versions(), "counts": {k: summary[k] for k in ("rows", "ok", "error", "needs_review", "processed_this_run")},
         "timings": {k: summary[k] for k in ("seconds", "pipeline_seconds", "images_per_second")},
     }
+    run_record["command"] = " ".join(["fetalpipe", *sys.argv[1:]]) if os.path.basename(sys.argv[0]) == "fetalpipe" else " ".join(sys.argv)
+    run_record["input"] = options.manifest or options.input_glob
     with open(os.path.join(output_dir, "run.json.tmp"), "w") as handle:
         json.dump(run_record, handle, indent=2, default=str)
     os.replace(os.path.join(output_dir, "run.json.tmp"), os.path.join(output_dir, "run.json"))
+    outputs = {"predictions.csv": csv_path, "predictions/": predictions_dir + "/", "run.json": os.path.join(output_dir, "run.json")}
+    if options.report:
+        from fetalpipe.report import write_report
+
+        outputs["report.html"] = write_report(output_dir)
+    if options.overlays:
+        outputs["overlays/"] = os.path.join(output_dir, "overlays") + "/"
+    if len(pending) and not options.verbose:
+        outputs["Ray log"] = log_path
+    summary["outputs"] = outputs
+    if options.print_summary:
+        print_summary(summary)
     return summary
 
 
+def print_summary(summary: dict) -> None:
+    """The last lines of a run: counts, time, and where every output is."""
+    rate = f", {summary['images_per_second']:.1f} img/s" if summary["images_per_second"] else ""
+    console.summary(
+        f"fetalpipe infer: {summary['rows']} rows ({summary['ok']} ok, {summary['error']} error, {summary['needs_review']} need review); "
+        f"{summary['processed_this_run']} processed in {summary['seconds']:.1f} s{rate}", summary["outputs"])
+
+
 def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str, input_size: int, predictions_dir: str, run_id: str,
-                  precision: str, keep_original: bool = False) -> None:
+                  precision: str, keep_original: bool = False) -> dict[str, int]:
+    """Runs the pending rows through the actor pool and shows one progress display; returns its counters."""
     import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours (console.Progress) is the one display
 
     from fetalpipe.preprocess import decode_batch
     table = pending.copy()
@@ -428,7 +465,9 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
     table["row_index"] = np.arange(len(table))  # names each batch's file
     # One block per batch (each stage maps a whole block), built in the driver: from_items needs no
     # remote tasks (from_pandas runs one per block before the actors can start).
-    block_count = -(-len(table) // options.batch_size)
+    # Never fewer blocks than actors: a small run still uses every actor (and Ray warns about idle ones).
+    batch_size = max(1, min(options.batch_size, -(-len(table) // max(options.actors, 1))))
+    block_count = -(-len(table) // batch_size)
     dataset = ray.data.from_items(table.to_dict("records"), override_num_blocks=block_count)
     if options.decode_in == "tasks":
         dataset = dataset.map_batches(
@@ -448,14 +487,19 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
         num_cpus=MODEL_CPU_SHARE * options.threads_per_actor,
         batch_size=None, batch_format="numpy",
     )
+    progress = console.Progress(len(table), unit="img", description="infer")
     try:
-        written = sum(int(batch["rows_written"].sum()) for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"))
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            progress.update(int(batch["rows_written"].sum()), {"errors": int(batch["errors"].sum()), "need review": int(batch["needs_review"].sum())})
     except ray.exceptions.RayActorError as error:
         if not error.actor_init_failed:
             raise
         raise ActorStartError(f"the model actors could not start: {_last_exception(str(error))}") from error
-    if written != len(table):
-        raise RuntimeError(f"inference wrote {written} rows for {len(table)} inputs")
+    finally:
+        progress.close()
+    if progress.done != len(table):
+        raise RuntimeError(f"inference wrote {progress.done} rows for {len(table)} inputs")
+    return progress.counters
 
 
 def _last_exception(traceback_text: str) -> str:
@@ -493,18 +537,17 @@ def _versions() -> dict:
     return {"fetalpipe": __version__, "ray": version("ray"), "torch": version("torch"), "python": platform.python_version(), "numpy": np.__version__, "pandas": pd.__version__}
 
 
-def run_demo(output_dir: str, ray_address: str | None = None) -> dict:
+def run_demo(output_dir: str, ray_address: str | None = None, verbose: bool = False) -> dict:
     """Inference with overlays on the embedded HC18 sample; prints a short table."""
     from fetalpipe.model_io import DEFAULT_MODEL_PATH
 
     sample_manifest = os.path.join(os.path.dirname(__file__), "assets", "sample", "manifest.csv")
-    summary = run_inference(InferOptions(output_dir=output_dir, manifest=sample_manifest, model_path=DEFAULT_MODEL_PATH, overlays=True, ray_address=ray_address))
+    summary = run_inference(InferOptions(output_dir=output_dir, manifest=sample_manifest, model_path=DEFAULT_MODEL_PATH, overlays=True,
+                                         ray_address=ray_address, verbose=verbose, print_summary=False))
     predictions = pd.read_csv(os.path.join(output_dir, "predictions.csv"))
     shown = predictions.assign(image=predictions["image_path"].map(os.path.basename))
     shown = shown.merge(pd.read_csv(sample_manifest).assign(image=lambda t: t["image_path"].map(os.path.basename))[["image", "hc_mm"]].rename(columns={"hc_mm": "reference_hc_mm"}), on="image", how="left")
-    columns = ["image", "status", "bpd_mm", "ofd_mm", "hc_ellipse_mm", "reference_hc_mm", "confidence", "needs_review"]
-    print(shown[columns].head(12).to_string(index=False, float_format=lambda v: f"{v:.1f}" if abs(v) >= 1 else f"{v:.2f}"))
-    print(f"... {summary['rows']} rows ({summary['ok']} ok, {summary['error']} error, {summary['needs_review']} flagged for review)")
-    print(f"predictions: {os.path.join(output_dir, 'predictions.csv')} and {os.path.join(output_dir, 'predictions')}/")
-    print(f"overlays:    {os.path.join(output_dir, 'overlays')}/")
+    columns = ["image", "status", "bpd_mm", "ofd_mm", "hc_ellipse_mm", "reference_hc_mm", "ga_from_hc_weeks", "needs_review"]
+    print(shown[columns].head(10).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    print_summary(summary)
     return summary

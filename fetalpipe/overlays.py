@@ -23,7 +23,17 @@ def overlay_filename(image_path: str) -> str:
 
 
 def draw_overlay(row: dict, overlay_dir: str) -> str:
-    """`row` holds image_path, the 8 landmark columns (original pixels) and the biometry columns."""
+    """Write `render_overlay(row)` to OVERLAY_DIR/`overlay_filename`; returns its path."""
+    canvas = render_overlay(row)
+    path = os.path.join(overlay_dir, overlay_filename(str(row["image_path"])))
+    cv2.imwrite(path + ".tmp.png", canvas)
+    os.replace(path + ".tmp.png", path)
+    return path
+
+
+def render_overlay(row: dict) -> np.ndarray:
+    """The overlay as a uint8 BGR [H, W, 3] image at the original size. `row` holds image_path, the 8 landmark columns
+    (original pixels) and the biometry columns."""
     pixels = read_image(str(row["image_path"])).pixels
     canvas = cv2.cvtColor((pixels * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
     points = np.array([[row[f"{name}_x"], row[f"{name}_y"]] for name in ("ofd1", "ofd2", "bpd1", "bpd2")], dtype=np.float64)
@@ -48,7 +58,4 @@ def draw_overlay(row: dict, overlay_dir: str) -> str:
         for line_index, reason in enumerate(str(row.get("review_reason", "")).split("; ")):
             cv2.putText(canvas, reason, (10, int((90 + 28 * line_index) * font_scale + 15)), cv2.FONT_HERSHEY_SIMPLEX, 0.8 * font_scale,
                         review_color_bgr, thickness, cv2.LINE_AA)
-    path = os.path.join(overlay_dir, overlay_filename(str(row["image_path"])))
-    cv2.imwrite(path + ".tmp.png", canvas)
-    os.replace(path + ".tmp.png", path)
-    return path
+    return canvas

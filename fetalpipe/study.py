@@ -45,7 +45,7 @@ def load_study(path: str) -> dict:
     return spec
 
 
-def run_study(path: str, run_date: str | None = None, ray_address: str | None = None) -> str:
+def run_study(path: str, run_date: str | None = None, ray_address: str | None = None, verbose: bool = False) -> str:
     spec = load_study(path)
     run_date = run_date or datetime.date.today().isoformat()
     datetime.date.fromisoformat(run_date)  # validates YYYY-MM-DD
@@ -63,9 +63,9 @@ def run_study(path: str, run_date: str | None = None, ray_address: str | None = 
             threads_per_actor=int(spec.get("threads_per_actor", 1)),
             batch_size=int(spec.get("batch_size", 16)),
             ray_address=ray_address,
+            verbose=verbose,
         )
     )
     with open(os.path.join(output_dir, "study.json"), "w") as handle:
         json.dump({"spec": spec, "run_date": run_date, "summary": summary}, handle, indent=2, default=str)
-    print(f"study {spec['name']} {run_date}: {summary['rows']} rows ({summary['ok']} ok, {summary['error']} error) in {output_dir}")
     return output_dir

@@ -1,0 +1,208 @@
+"""OUT/report.html: one self-contained page to read a run by (provenance, counts, distributions, errors, and the images to look at).
+
+Self-contained: plots and thumbnails are embedded as data URIs and the page has no script, font or stylesheet to
+fetch, so it opens from a hospital share with no network. It stays readable at any size: the plots aggregate, and
+the tables and galleries are capped with a note of how many rows were left out (all of them are in predictions.csv)."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import json
+import os
+
+import numpy as np
+import pandas as pd
+
+from fetalpipe.clinical import CENTILE_Z, hc_for_centile_mm
+
+MAX_GALLERY_IMAGES = 48
+MAX_ERROR_ROWS = 200
+THUMBNAIL_WIDTH_PX = 320
+SCATTER_POINTS_BEFORE_HEXBIN = 2000
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; } td, th { padding: 0.2em 0.8em; text-align: left; border-bottom: 1px solid #eee; vertical-align: top; }
+.counts td { font-size: 1.3em; } .note { color: #666; }
+.gallery { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; width: 320px; } figcaption { font-size: 0.8em; word-break: break-all; }
+img.thumbnail { width: 320px; height: auto; }
+"""
+
+
+def write_report(output_dir: str) -> str:
+    """Read OUT/predictions.csv and OUT/run.json, write OUT/report.html (atomically); returns its path."""
+    predictions = pd.read_csv(os.path.join(output_dir, "predictions.csv"), dtype={"error": str, "review_reason": str}, keep_default_na=True)
+    run_path = os.path.join(output_dir, "run.json")
+    run = json.load(open(run_path)) if os.path.exists(run_path) else {}
+    path = os.path.join(output_dir, "report.html")
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write(render_report(predictions, run, output_dir))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def render_report(predictions: pd.DataFrame, run: dict, output_dir: str) -> str:
+    status = predictions["status"].astype(str)
+    needs_review = predictions["needs_review"].fillna(False).astype(bool) if "needs_review" in predictions else pd.Series(False, index=predictions.index)
+    ok = predictions[status == "ok"]
+    errors = predictions[status == "error"]
+    flagged = predictions[needs_review & (status == "ok")]
+    sections = [
+        f"<h1>fetalpipe run report</h1><p class='note'>Written {html.escape(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))} "
+        f"from <code>{html.escape(os.path.abspath(output_dir))}</code>.</p>",
+        _provenance(run),
+        _counts(len(predictions), len(ok), len(errors), len(flagged), run),
+        _distributions(ok),
+        _error_table(errors),
+        _gallery("Flagged for review", "flagged", flagged, output_dir, "review_reason"),
+    ]
+    if "hc_centile_intergrowth21" in ok and ok["hc_centile_intergrowth21"].notna().any():
+        centile = ok["hc_centile_intergrowth21"]
+        outside = ok[(centile < 3) | (centile > 97)]
+        sections.append(_gallery("Outside the INTERGROWTH-21st 3rd–97th centiles", "outside-centiles", outside, output_dir, "hc_centile_intergrowth21"))
+    links = ["<a href='predictions.csv'>predictions.csv</a>", "<a href='predictions/'>predictions/</a> (Parquet)"]
+    if os.path.isdir(os.path.join(output_dir, "overlays")):
+        links.append("<a href='overlays/'>overlays/</a>")
+    sections.append("<h2>Outputs</h2><p>" + " · ".join(links) + "</p>")
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>fetalpipe report</title><style>{STYLE}</style></head>"
+            f"<body>{''.join(sections)}</body></html>")
+
+
+def _table(rows: list[tuple[str, object]], css_class: str = "") -> str:
+    body = "".join(f"<tr><th>{html.escape(str(name))}</th><td>{value}</td></tr>" for name, value in rows)
+    return f"<table class='{css_class}'>{body}</table>"
+
+
+def _provenance(run: dict) -> str:
+    if not run:
+        return "<h2>Provenance</h2><p class='note'>No run.json in this folder.</p>"
+    versions = run.get("versions", {})
+    rows = [
+        ("model", f"<code>{html.escape(str(run.get('model_path', '')))}</code>"),
+        ("model sha256", f"<code>{html.escape(str(run.get('model_sha256', '')))}</code>"),
+        ("fetalpipe", html.escape(str(versions.get("fetalpipe", "")))),
+        ("precision", html.escape(str(run.get("precision", "")))),
+        ("run id", html.escape(str(run.get("run_id", "")))),
+        ("finished", html.escape(str(run.get("finished_at", "")))),
+        ("input", f"<code>{html.escape(str(run.get('input', '')))}</code>"),
+        ("command", f"<code>{html.escape(str(run.get('command', '')))}</code>"),
+    ]
+    return "<h2>Provenance</h2>" + _table(rows)
+
+
+def _counts(rows: int, ok: int, error: int, flagged: int, run: dict) -> str:
+    timings = run.get("timings", {})
+    counts = run.get("counts", {})
+    rate = timings.get("images_per_second")
+    cells = [
+        ("rows", f"<span id='count-rows'>{rows}</span>"),
+        ("ok", f"<span id='count-ok'>{ok}</span>"),
+        ("error", f"<span id='count-error'>{error}</span>"),
+        ("needs review", f"<span id='count-needs-review'>{flagged}</span>"),
+    ]
+    timing = (f"The last run processed {counts.get('processed_this_run', '?')} images in {timings.get('seconds', '?')} s"
+              + (f" ({rate} img/s through the model actors)" if rate else "") + ".") if timings else ""
+    return "<h2>Counts</h2>" + _table(cells, "counts") + f"<p class='note'>{html.escape(timing)}</p>"
+
+
+def _png_data_uri(figure) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _distributions(ok: pd.DataFrame) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [(name, label) for name, label in (("hc_ellipse_mm", "HC (mm)"), ("bpd_mm", "BPD (mm)"), ("ofd_mm", "OFD (mm)"))
+               if name in ok and ok[name].notna().any()]
+    if not columns:
+        return "<h2>Distributions</h2><p class='note'>No measurement in mm (no ok row with a pixel spacing).</p>"
+    figure, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3))
+    for axis, (name, label) in zip(np.atleast_1d(axes), columns):
+        values = ok[name].dropna()
+        axis.hist(values, bins=min(50, max(5, len(values) // 4)), color="#4477aa")
+        axis.set_xlabel(label)
+        axis.set_ylabel("images")
+    parts = [f"<h2>Distributions</h2><img id='plot-distributions' alt='histograms of HC, BPD and OFD' src='{_png_data_uri(figure)}'>"]
+    known = ok.dropna(subset=["hc_ellipse_mm"]) if "gestational_age_weeks" in ok else ok.iloc[:0]
+    known = known[known["gestational_age_weeks"].notna()] if len(known) else known
+    if len(known):
+        parts.append(f"<h3>HC against gestational age</h3><img id='plot-hc-ga' alt='HC against gestational age with INTERGROWTH-21st centiles' "
+                     f"src='{_png_data_uri(_hc_against_ga_figure(known))}'>"
+                     "<p class='note'>Curves: the INTERGROWTH-21st fetal HC standard's 3rd, 50th and 97th centiles (Papageorghiou et al., Lancet 2014).</p>")
+    return "".join(parts)
+
+
+def _hc_against_ga_figure(known: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    ga_weeks, hc_mm = known["gestational_age_weeks"].to_numpy(float), known["hc_ellipse_mm"].to_numpy(float)
+    if len(known) > SCATTER_POINTS_BEFORE_HEXBIN:
+        image = axis.hexbin(ga_weeks, hc_mm, gridsize=60, mincnt=1, cmap="Blues", bins="log")
+        figure.colorbar(image, ax=axis, label="images")
+    else:
+        axis.scatter(ga_weeks, hc_mm, s=8, color="#4477aa", label="measured", zorder=3)
+    curve_weeks = np.linspace(14, 40, 200)
+    for centile, z in CENTILE_Z.items():
+        axis.plot(curve_weeks, hc_for_centile_mm(curve_weeks, z), color="#cc3311" if centile != 50 else "#222222",
+                  linestyle="--" if centile != 50 else "-", label=f"{centile}{'rd' if centile == 3 else 'th'} centile")
+    axis.set_xlabel("gestational age (weeks)")
+    axis.set_ylabel("HC (mm)")
+    axis.legend(loc="upper left", fontsize=8)
+    return figure
+
+
+def _error_table(errors: pd.DataFrame) -> str:
+    if errors.empty:
+        return "<h2>Errors</h2><p>None.</p>"
+    shown = errors.head(MAX_ERROR_ROWS)
+    rows = "".join(f"<tr><td><code>{html.escape(str(row.image_path))}</code></td><td>{html.escape(str(row.error))}</td></tr>" for row in shown.itertuples())
+    note = f"<p class='note'>{len(errors) - len(shown)} more error rows are in predictions.csv.</p>" if len(errors) > len(shown) else ""
+    return f"<h2>Errors ({len(errors)})</h2><table id='error-rows'><tr><th>image</th><th>reason</th></tr>{rows}</table>{note}"
+
+
+def _thumbnail_data_uri(row: dict, output_dir: str) -> str | None:
+    """The run's overlay when it drew one, else the overlay drawn now; a JPEG data URI at THUMBNAIL_WIDTH_PX (None: unreadable)."""
+    import cv2
+
+    from fetalpipe.overlays import overlay_filename, render_overlay
+
+    overlay_path = os.path.join(output_dir, "overlays", overlay_filename(str(row["image_path"])))
+    try:
+        canvas = cv2.imread(overlay_path) if os.path.exists(overlay_path) else render_overlay(row)
+    except Exception:  # the image moved or changed since the run: the caption still says what it was
+        return None
+    if canvas is None:
+        return None
+    height, width = canvas.shape[:2]
+    thumbnail = cv2.resize(canvas, (THUMBNAIL_WIDTH_PX, max(1, round(height * THUMBNAIL_WIDTH_PX / width))), interpolation=cv2.INTER_AREA)
+    ok, encoded = cv2.imencode(".jpg", thumbnail, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    return "data:image/jpeg;base64," + base64.b64encode(encoded.tobytes()).decode("ascii") if ok else None
+
+
+def _gallery(title: str, element_id: str, rows: pd.DataFrame, output_dir: str, reason_column: str) -> str:
+    if rows.empty:
+        return f"<h2>{html.escape(title)}</h2><p>None.</p>"
+    shown = rows.head(MAX_GALLERY_IMAGES)
+    figures = []
+    for row in shown.to_dict("records"):
+        reason = row.get(reason_column)
+        reason_text = f"centile {reason:.1f}" if isinstance(reason, float) and reason_column.startswith("hc_centile") else str(reason or "")
+        caption = f"<code>{html.escape(os.path.basename(str(row['image_path'])))}</code> HC {row.get('hc_ellipse_mm', float('nan')):.1f} mm<br>{html.escape(reason_text)}"
+        uri = _thumbnail_data_uri(row, output_dir)
+        image = f"<img class='thumbnail' alt='overlay' src='{uri}'>" if uri else "<p class='note'>(image no longer readable)</p>"
+        figures.append(f"<figure>{image}<figcaption>{caption}</figcaption></figure>")
+    note = f"<p class='note'>{len(rows) - len(shown)} more are in predictions.csv.</p>" if len(rows) > len(shown) else ""
+    return f"<h2>{html.escape(title)} ({len(rows)})</h2><div class='gallery' id='{element_id}'>{''.join(figures)}</div>{note}"
