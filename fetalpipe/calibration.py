@@ -121,7 +121,7 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
     train_table.to_csv(split_manifest, index=False)  # load_manifest made the image paths absolute
     try:
         run_inference(InferOptions(output_dir=os.path.join(work_dir, "inference"), manifest=split_manifest, model_path=uncalibrated,
-                                   overwrite=True, ray_address=ray_address, precision="int8"))
+                                   overwrite=True, ray_address=ray_address, precision="int8", report=False, print_summary=False))
         evaluate_predictions(os.path.join(work_dir, "inference"), split_manifest, os.path.join(work_dir, "report"))
     finally:  # also when no head was found in the split (evaluate refuses): the temporary model never stays behind
         os.remove(uncalibrated)

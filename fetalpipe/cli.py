@@ -31,19 +31,27 @@ def _cmd_train(args) -> int:
     from fetalpipe.train import resolve_config, run_training
 
     config = resolve_config(args.config, {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr})
+    from fetalpipe import console
+
     result = run_training(
         args.manifest, args.output, config, workers=args.workers, threads_per_worker=args.threads_per_worker,
-        max_failures=args.max_failures, ray_address=args.address, stage1_model=args.stage1_model,
+        max_failures=args.max_failures, ray_address=args.address, stage1_model=args.stage1_model, verbose=args.verbose,
     )
-    print(json.dumps(result, indent=2, default=float))
     trained = os.path.join(args.output, "model.pt")
-    print(f"model: {trained}")
+    outputs = {"model.pt": trained}
     if args.calibrate:
-        _calibrate_after_training(trained, args)
+        calibrated = _calibrate_after_training(trained, args)
+        if calibrated:
+            outputs["model_calibrated.pt"] = calibrated + "  (the file to run `fetalpipe infer --model` with)"
+    outputs.update({"metrics.csv": os.path.join(args.output, "metrics.csv"), "loss curves": os.path.join(args.output, "loss_curves.png"),
+                    "Ray log": os.path.join(args.output, "logs", "ray.log")})
+    best = result.get("refinement", result)
+    best_text = f"best epoch {best.get('best_epoch', '?')}, val HC MAE {best.get('val_hc_mae_mm', float('nan')):.2f} mm" if isinstance(best, dict) else ""
+    console.summary(f"fetalpipe train: finished in {result['wall_seconds'] / 60:.1f} min; {best_text}", outputs)
     return 0
 
 
-def _calibrate_after_training(trained: str, args) -> None:
+def _calibrate_after_training(trained: str, args) -> str | None:
     """`calibrate` on the new model (int8 parameters and the size line), into RUN_DIR/model_calibrated.pt: the file to
     run `infer` with. A manifest it cannot calibrate on (no training-split image, no pixel spacing, too few heads found)
     leaves the trained model as it is, and says why."""
@@ -54,8 +62,9 @@ def _calibrate_after_training(trained: str, args) -> None:
         summary = calibrate_model(trained, args.manifest, calibrated, ray_address=args.address)
     except ValueError as error:
         print(f"fetalpipe train: not calibrated ({error}); `infer` runs {trained} in fp32 without a size correction", flush=True)
-        return
-    print(f"calibrated model (int8, size line {summary['intercept_mm']:+.3f} mm {summary['slope']:+.5f} × HC): {calibrated}")
+        return None
+    print(f"calibrated: int8, size line {summary['intercept_mm']:+.3f} mm {summary['slope']:+.5f} × HC, review thresholds", flush=True)
+    return calibrated
 
 
 def _cmd_infer(args) -> int:
@@ -82,8 +91,10 @@ def _cmd_evaluate(args) -> int:
 def _cmd_calibrate(args) -> int:
     from fetalpipe.calibration import calibrate_model
 
-    summary = calibrate_model(args.model, args.manifest, args.output, ray_address=args.address)
-    print(json.dumps(summary, indent=2))
+    from fetalpipe import console
+
+    with console.ray_logs_to_file(os.path.join(os.path.dirname(os.path.abspath(args.output)), "logs", "ray.log"), args.verbose):
+        summary = calibrate_model(args.model, args.manifest, args.output, ray_address=args.address)
     print(f"HC error on the training split = {summary['intercept_mm']:+.3f} mm {summary['slope']:+.5f} × HC; "
           f"HC MAE {summary['train_hc_mae_mm_before']:.3f} -> {summary['train_hc_mae_mm_after']:.3f} mm over {summary['images']} images")
     print(f"model: {args.output}")
@@ -134,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                          help="skip the calibration that follows training (int8 parameters and size line into RUN_DIR/model_calibrated.pt)")
     command.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    command.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console (default: RUN_DIR/logs/ray.log)")
     command.set_defaults(handler=_cmd_train)
 
     command = commands.add_parser("infer", help="batch inference with a Ray Data actor pool -> Parquet + CSV")
@@ -161,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--manifest", required=True, help="the manifest it was trained on (split by subject_id as in training)")
     command.add_argument("--output", required=True, help="where the calibrated model goes (the training split's measurement stays in OUTPUT.calibration/)")
     command.add_argument("--address")
+    command.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console (default: logs/ray.log beside OUTPUT)")
     command.set_defaults(handler=_cmd_calibrate)
 
     command = commands.add_parser("evaluate", help="compare predictions with reference landmarks/HC")

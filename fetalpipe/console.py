@@ -83,7 +83,12 @@ class Progress:
         if self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, unit=unit, desc=description, file=self.stream, dynamic_ncols=True, smoothing=0.05)
+            import shutil
+
+            # A terminal that reports no width (some pseudo-terminals say 0 columns) gets a fixed 100-column bar.
+            width_known = shutil.get_terminal_size(fallback=(0, 0)).columns >= 40
+            self.bar = tqdm(total=self.total, unit=unit, desc=description, file=self.stream, dynamic_ncols=width_known,
+                            ncols=None if width_known else 100, smoothing=0.05)
 
     def update(self, count: int, counters: dict[str, int] | None = None) -> None:
         with self.lock:

@@ -384,7 +384,7 @@ def run_inference(options: InferOptions) -> dict:
     console.header("infer", {
         "input": f"{options.manifest or options.input_glob}: {len(inputs)} images, {len(inputs) - len(pending)} already done, {len(pending)} to process",
         "model": f"{model_path} (sha256 {model_sha256[:12]}…, {precision}{hint})",
-        "actors": f"{options.actors} × {options.threads_per_actor} thread(s), batches of {options.batch_size}",
+        "actors": f"{options.actors} × {options.threads_per_actor} thread(s), batches of {effective_batch_size(len(pending), options)}",
         "output": output_dir,
         "Ray log": "this console (--verbose)" if options.verbose else log_path,
     })
@@ -465,8 +465,7 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
     table["row_index"] = np.arange(len(table))  # names each batch's file
     # One block per batch (each stage maps a whole block), built in the driver: from_items needs no
     # remote tasks (from_pandas runs one per block before the actors can start).
-    # Never fewer blocks than actors: a small run still uses every actor (and Ray warns about idle ones).
-    batch_size = max(1, min(options.batch_size, -(-len(table) // max(options.actors, 1))))
+    batch_size = effective_batch_size(len(table), options)
     block_count = -(-len(table) // batch_size)
     dataset = ray.data.from_items(table.to_dict("records"), override_num_blocks=block_count)
     if options.decode_in == "tasks":
@@ -500,6 +499,11 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
     if progress.done != len(table):
         raise RuntimeError(f"inference wrote {progress.done} rows for {len(table)} inputs")
     return progress.counters
+
+
+def effective_batch_size(pending_rows: int, options: InferOptions) -> int:
+    """`batch_size`, but never fewer batches than actors: a small run still uses every actor (and Ray warns about idle ones)."""
+    return max(1, min(options.batch_size, -(-pending_rows // max(options.actors, 1))))
 
 
 def _last_exception(traceback_text: str) -> str:

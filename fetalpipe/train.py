@@ -545,10 +545,12 @@ def run_training(
     max_failures: int = 2,
     ray_address: str | None = None,
     stage1_model: str | None = None,
+    verbose: bool = False,
 ) -> dict:
     """Train (or resume) into RUN_DIR; write metrics.csv, loss_curves.png and the best model.pt. With a refinement stage,
     stage 2 trains after stage 1 (in RUN_DIR/refinement/) and model.pt holds both. `stage1_model`: take stage 1 from
     that model file instead of training it (stage 2 never sees stage 1's output in training, so any stage 1 fits)."""
+    from fetalpipe import console
     from fetalpipe.cluster import connect
     from fetalpipe.manifest import load_manifest
 
@@ -561,21 +563,31 @@ def run_training(
             raise ValueError("--stage1-model needs a configuration with a refinement stage (e.g. ellipse_refine)")
         config = _stage1_from_file(stage1_model, run_dir, config)
     _write_or_check_config(run_dir, config)
-    connect(ray_address, quiet_ray_train=True)
+    log_path = os.path.join(run_dir, "logs", "ray.log")
+    stages = ([] if stage1_model else [f"stage 1, {config.epochs} epochs"]) + ([f"refinement stage, {config.refinement.epochs} epochs"] if config.refinement else [])
+    console.header("train", {
+        "manifest": f"{manifest_path}: {len(table)} labelled images, split by subject_id ({config.val_fraction:.0%} validation)",
+        "stages": " then ".join(stages) + (f" (stage 1 from {stage1_model})" if stage1_model else ""),
+        "workers": f"{workers} Ray Train worker(s) × {threads_per_worker} thread(s), gloo",
+        "output": run_dir + " (a rerun resumes from its checkpoints)",
+        "Ray log": "this console (--verbose)" if verbose else log_path,
+    })
     resumed_after = {}
-    if stage1_model:
-        result = {"stage1_model": os.path.abspath(stage1_model)}
-    else:
-        result, resumed_after["stage1"] = _train_stage(run_dir, manifest_path, table, config, workers, threads_per_worker, max_failures)
-    if config.refinement is not None:
-        result["refinement"], resumed_after["refinement"] = _train_stage(
-            os.path.join(run_dir, "refinement"), manifest_path, table, config, workers, threads_per_worker, max_failures, refinement=True)
-        write_refinement_outputs(run_dir)
+    with console.ray_logs_to_file(log_path, verbose):
+        connect(ray_address, quiet_ray_train=True)
+        if stage1_model:
+            result = {"stage1_model": os.path.abspath(stage1_model)}
+        else:
+            result, resumed_after["stage1"] = _train_stage(run_dir, manifest_path, table, config, workers, threads_per_worker, max_failures)
+        if config.refinement is not None:
+            result["refinement"], resumed_after["refinement"] = _train_stage(
+                os.path.join(run_dir, "refinement"), manifest_path, table, config, workers, threads_per_worker, max_failures, refinement=True)
+            write_refinement_outputs(run_dir)
     wall_seconds = time.perf_counter() - started
     with open(os.path.join(run_dir, "run.json"), "w") as handle:  # the wall clock of this invocation, start-up included
         json.dump({"wall_seconds": round(wall_seconds, 1), "workers": workers, "threads_per_worker": threads_per_worker,
                    "resumed_after_epoch": resumed_after}, handle, indent=2)
-    print(f"fetalpipe train: finished in {wall_seconds / 60:.1f} min wall clock", flush=True)
+    result["wall_seconds"] = round(wall_seconds, 1)
     return result
 
 
@@ -641,9 +653,50 @@ def _train_stage(stage_dir: str, manifest_path: str, table: pd.DataFrame, config
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    trainer.fit()
+    with EpochLines(stage_dir, name, epochs, after_epoch=done[-1][0] if done else 0):
+        trainer.fit()
     result = write_refinement_metrics(stage_dir) if refinement else write_run_outputs(stage_dir, manifest_path, config)
     return result, done[-1][0] if done else 0
+
+
+class EpochLines:
+    """While Ray Train runs, one console line per finished epoch, read from the checkpoints it stores (rank 0's
+    metrics.json): the driver sees them where Ray Train puts them, on this machine or on the cluster's shared storage."""
+
+    def __init__(self, stage_dir: str, name: str, epochs: int, after_epoch: int = 0, poll_s: float = 2.0):
+        import threading
+
+        self.stage_dir, self.name, self.epochs, self.printed, self.poll_s = stage_dir, name, epochs, after_epoch, poll_s
+        self.seconds: list[float] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stopped.set()
+        self.thread.join()
+        self.print_new()
+
+    def _poll(self) -> None:
+        while not self.stopped.wait(self.poll_s):
+            self.print_new()
+
+    def print_new(self) -> None:
+        from fetalpipe.console import format_seconds
+
+        for epoch, checkpoint in list_checkpoints(self.stage_dir):
+            if epoch <= self.printed:
+                continue
+            with open(os.path.join(checkpoint, "metrics.json")) as handle:
+                metrics = json.load(handle)
+            self.seconds.append(metrics.get("epoch_seconds", float("nan")))
+            eta = format_seconds(float(np.nanmean(self.seconds)) * (self.epochs - epoch)) if np.isfinite(np.nanmean(self.seconds)) else "?"
+            print(f"{self.name}: epoch {epoch}/{self.epochs}  train loss {metrics['train_loss']:.4f}  val loss {metrics['val_loss']:.4f}  "
+                  f"val HC MAE {metrics.get('val_hc_mae_mm', float('nan')):.2f} mm  {metrics.get('epoch_seconds', float('nan')):.0f} s  ETA {eta}", flush=True)
+            self.printed = epoch
 
 
 def _write_or_check_config(run_dir: str, config: TrainConfig) -> None:

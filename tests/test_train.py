@@ -1,6 +1,7 @@
 """Ray Train on the embedded sample: outputs, best model served by infer, resume."""
 
 import os
+import re
 
 import pandas as pd
 import pytest
@@ -28,7 +29,7 @@ def test_split_is_by_subject_and_deterministic():
     assert set(again_train["image_path"]) == set(train["image_path"])
 
 
-def test_two_workers_train_then_resume_then_serve(ray_local, tiny_config, sample_manifest_copy, reliability_log, tmp_path):
+def test_two_workers_train_then_resume_then_serve(ray_local, tiny_config, sample_manifest_copy, reliability_log, tmp_path, capsys):
     # One unreadable image among the 20: skipped with a warning and listed, never fatal.
     table = pd.read_csv(sample_manifest_copy, dtype={"subject_id": str})
     broken = tmp_path / "broken.png"
@@ -40,6 +41,8 @@ def test_two_workers_train_then_resume_then_serve(ray_local, tiny_config, sample
     run_dir = tmp_path / "run"
     result = run_training(manifest, str(run_dir), tiny_config, workers=2, threads_per_worker=1)
     assert result["best_epoch"] == 1
+    printed = capsys.readouterr().out
+    assert "fetalpipe train\n" in printed and re.search(r"stage 1: epoch 1/1  train loss \d\.\d{4}  val loss .* val HC MAE .* mm .* ETA 0:00", printed)
     for name in ("metrics.csv", "loss_curves.png", "model.pt", "train_config.json"):
         assert (run_dir / name).is_file()
     metrics = pd.read_csv(run_dir / "metrics.csv")
@@ -57,6 +60,8 @@ def test_two_workers_train_then_resume_then_serve(ray_local, tiny_config, sample
     longer = type(tiny_config).from_dict({**tiny_config.to_dict(), "epochs": 2})
     run_training(manifest, str(run_dir), longer, workers=1, threads_per_worker=1)
     assert [epoch for epoch, _ in list_checkpoints(str(run_dir))] == [1, 2]
+    printed = capsys.readouterr().out
+    assert "stage 1: epoch 2/2" in printed and "epoch 1/2" not in printed  # a resumed run prints only its new epochs
     assert list(pd.read_csv(run_dir / "metrics.csv")["epoch"]) == [1, 2]
 
     model, config, payload = load_model(str(run_dir / "model.pt"))
