@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,6 +104,7 @@ def test_contract_errors_resume_and_idempotency(ray_local, tiny_model_path, arch
     assert dicom["pixel_spacing_mm"] == pytest.approx(0.2)  # read from the file
     assert dicom["hc_mm"] == pytest.approx(dicom["hc_px"] * 0.2)
     assert len(os.listdir(output / "overlays")) == 5
+    assert "<span id='count-error'>5</span>" in (output / "report.html").read_text()
     record = json.loads((output / "run.json").read_text())
     assert record["counts"] == {"rows": 10, "ok": 5, "error": 5, "needs_review": int(csv["needs_review"].astype(bool).sum()), "processed_this_run": 7}
     assert record["model_sha256"] == ok["model_sha256"].iloc[0]
@@ -180,8 +182,10 @@ def test_console_script_exits_quickly_with_everything_written(tiny_model_path, t
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     done = subprocess.run([*base, "--manifest", SAMPLE_MANIFEST, "--batch-size", "8", "--actors", "1"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout[done.stdout.index("{"):])  # printed last, so flushed before the exit
-    assert summary["rows"] == summary["ok"] + summary["error"] == 20
+    last_lines = done.stdout.strip().splitlines()[-6:]  # the summary, printed last, so flushed before the exit
+    counts = re.search(r"^fetalpipe infer: (\d+) rows \((\d+) ok, (\d+) error", last_lines[0])
+    assert counts and int(counts[1]) == int(counts[2]) + int(counts[3]) == 20, done.stdout
+    assert last_lines[-1].split()[-1] == str(output / "logs" / "ray.log")
     assert len(pd.read_csv(output / "predictions.csv")) == 20 and len(read_predictions(str(output))) == 20
     assert json.loads((output / "run.json").read_text())["counts"]["rows"] == 20
     failed = subprocess.run([*base, "--manifest", str(tmp_path / "missing.csv")], env=env, capture_output=True, text=True, timeout=120)

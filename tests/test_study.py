@@ -16,6 +16,7 @@ def test_study_runs_into_dated_folder_and_rerun_is_idempotent(ray_local, tiny_mo
     run_dir = tmp_path / "results" / "nightly" / "2026-11-25"
     first = pd.read_csv(run_dir / "predictions.csv")
     assert len(first) == 20 and (run_dir / "run.json").is_file()
+    assert "<span id='count-rows'>20</span>" in (run_dir / "report.html").read_text()  # the run report, with the CSV's count
     assert main(["study", "run", str(spec), "--run-date", "2026-11-25"]) == 0
     assert json.loads((run_dir / "study.json").read_text())["summary"]["processed_this_run"] == 0
     pd.testing.assert_frame_equal(pd.read_csv(run_dir / "predictions.csv"), first)
