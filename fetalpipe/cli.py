@@ -47,7 +47,8 @@ def _cmd_train(args) -> int:
                     "Ray log": os.path.join(args.output, "logs", "ray.log")})
     best = result.get("refinement", result)
     best_text = f"best epoch {best.get('best_epoch', '?')}, val HC MAE {best.get('val_hc_mae_mm', float('nan')):.2f} mm" if isinstance(best, dict) else ""
-    console.summary(f"fetalpipe train: finished in {result['wall_seconds'] / 60:.1f} min; {best_text}", outputs)
+    wall_text = f"finished in {result['wall_seconds'] / 60:.1f} min" if "wall_seconds" in result else "finished"
+    console.summary(f"fetalpipe train: {wall_text}; {best_text}", outputs)
     return 0
 
 

@@ -140,7 +140,7 @@ def test_train_command_calibrates_its_model_or_says_why_not(ray_local, monkeypat
     assert main(["train", "--manifest", str(manifest_path), "--output", str(tmp_path / "run")]) == 0
     header = read_model_header(str(tmp_path / "run" / "model_calibrated.pt"))
     assert header["int8_quantization"] and header["calibration"]["measured_in"] == "int8"
-    assert "calibrated model (int8" in capsys.readouterr().out
+    assert "calibrated: int8, size line" in capsys.readouterr().out
     assert "int8_quantization" not in read_model_header(str(tmp_path / "run" / "model.pt"))  # the trained file stays as trained
 
     # The sample as shipped has no image in the training split: the model is trained, not calibrated, and the job says why.
