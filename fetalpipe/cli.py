@@ -75,7 +75,7 @@ def _cmd_infer(args) -> int:
         output_dir=args.output, manifest=args.manifest, input_glob=args.input, model_path=args.model,
         batch_size=args.batch_size, actors=args.actors, threads_per_actor=args.threads_per_actor,
         overlays=args.overlays, overwrite=args.overwrite, ray_address=args.address, flip_average=args.flip_average,
-        decode_in=args.decode_in, precision=args.precision, verbose=args.verbose,
+        decode_in=args.decode_in, precision=args.precision, verbose=args.verbose, dry_run=args.dry_run,
     )
     run_inference(options)
     return 0
@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto (default): int8 when the model file has int8 parameters (written by `calibrate`; about 2x faster forward), else fp32")
     command.add_argument("--address")
     command.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console (default: OUT/logs/ray.log)")
+    command.add_argument("--dry-run", action="store_true",
+                         help="only plan: validate the manifest, check what OUT already holds, list the missing or unreadable files; start and write nothing")
     command.set_defaults(handler=_cmd_infer)
 
     command = commands.add_parser("calibrate", help="choose int8 parameters and fit the size calibration on the model's training split; write the calibrated model")

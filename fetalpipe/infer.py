@@ -15,8 +15,8 @@ import json
 import os
 import platform
 import re
-import shutil
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from fetalpipe import LANDMARK_COLUMNS, __version__, console
+from fetalpipe import LANDMARK_COLUMNS, __version__, console, storage
 from fetalpipe.biometry import biometry_mm
 from fetalpipe.clinical import clinical_columns
 from fetalpipe.imaging import ResizeTransform
@@ -37,10 +37,10 @@ BIOMETRY_COLUMNS = ("ofd_px", "bpd_px", "hc_px", "hc_ellipse_px", "ofd_mm", "bpd
 # From hc_ellipse_mm (`fetalpipe.clinical`); the INTERGROWTH-21st two need the manifest's gestational age.
 CLINICAL_COLUMNS = ("ga_from_hc_weeks", "hc_z_intergrowth21", "hc_centile_intergrowth21")
 # Manifest columns that travel to the actors as numbers (every other extra column travels as text).
-NUMERIC_MANIFEST_COLUMNS = ("pixel_spacing_mm", "gestational_age_weeks", "gestational_age_days")
+NUMERIC_MANIFEST_COLUMNS = ("pixel_spacing_mm", "gestational_age_weeks", "gestational_age_days", "file_size_bytes", "file_mtime_ns")
 OUTPUT_COLUMNS = (
     "image_path", "status", "error", *LANDMARK_COLUMNS, *BIOMETRY_COLUMNS[:4], "pixel_spacing_mm", *BIOMETRY_COLUMNS[4:], *CLINICAL_COLUMNS,
-    "confidence", "needs_review", "review_reason", *REVIEW_SIGNAL_COLUMNS, "size_calibration_scale", "model_sha256", "precision", "fetalpipe_version", "file_sha256", "original_width", "original_height", "run_id",
+    "confidence", "needs_review", "review_reason", *REVIEW_SIGNAL_COLUMNS, "size_calibration_scale", "model_sha256", "precision", "fetalpipe_version", "file_sha256", "file_size_bytes", "file_mtime_ns", "original_width", "original_height", "run_id",
 )
 # Share of a CPU each stage asks Ray for: the model takes most of the time, decoding the rest.
 DECODE_CPUS = 0.25
@@ -79,6 +79,7 @@ class InferOptions:
     verbose: bool = False  # Ray's own logs on the console instead of OUT/logs/ray.log
     report: bool = True  # write OUT/report.html at the end
     print_summary: bool = True  # False: the caller prints it (`print_summary`) after its own lines
+    dry_run: bool = False  # plan only: validate, check what is done, list the errors already visible; start nothing, write nothing
 
 
 def collect_inputs(manifest: str | None, input_glob: str | None) -> pd.DataFrame:
@@ -89,23 +90,82 @@ def collect_inputs(manifest: str | None, input_glob: str | None) -> pd.DataFrame
         table = load_manifest(manifest)
         landmark_like = [c for c in table.columns if c in LANDMARK_COLUMNS or (c in OUTPUT_COLUMNS and c not in ("image_path", "pixel_spacing_mm"))]
         return table.rename(columns={c: f"manifest_{c}" for c in landmark_like})
-    if os.path.isdir(input_glob):
-        paths = [os.path.join(root, name) for root, _, names in os.walk(input_glob) for name in names if name.lower().endswith(IMAGE_EXTENSIONS)]
+    if storage.is_uri(input_glob):  # a folder (prefix) of an object store; no wildcards there
+        import pyarrow.fs
+
+        fs, prefix = storage.filesystem(input_glob)
+        scheme = input_glob.split("://", 1)[0]
+        try:
+            infos = fs.get_file_info(pyarrow.fs.FileSelector(prefix, recursive=True))
+        except OSError as error:
+            raise ManifestError(f"--input {input_glob}: cannot list it: {error}") from error
+        paths = [f"{scheme}://{info.path}" for info in infos if info.type == pyarrow.fs.FileType.File and info.path.lower().endswith(IMAGE_EXTENSIONS)]
+    elif os.path.isdir(input_glob):
+        paths = [os.path.abspath(os.path.join(root, name)) for root, _, names in os.walk(input_glob) for name in names if name.lower().endswith(IMAGE_EXTENSIONS)]
     else:
-        paths = glob.glob(input_glob, recursive=True)
+        paths = [os.path.abspath(p) for p in glob.glob(input_glob, recursive=True)]
     if not paths:
         raise ManifestError(f"--input {input_glob}: no image files found")
-    return pd.DataFrame({"image_path": sorted(os.path.abspath(p) for p in paths)})
+    return pd.DataFrame({"image_path": sorted(paths)})
 
 
 def content_hash(path: str) -> str:
     """sha256 of the file bytes ('' when it cannot be read), the key that detects a changed file."""
-    from fetalpipe.model_io import file_sha256
+    import hashlib
 
     try:
-        return file_sha256(path)
+        return hashlib.sha256(storage.read_bytes(path)).hexdigest()
     except OSError:
         return ""
+
+
+def file_stats(paths) -> tuple[np.ndarray, np.ndarray]:
+    """(size in bytes, modification time in ns) per path, -1 where it cannot be read: one stat each (one listing call
+    for object-store paths), so a rerun tells unchanged files from changed ones without reading them."""
+    import pyarrow.fs
+
+    paths = list(paths)
+    sizes, mtimes = np.full(len(paths), -1, dtype=np.int64), np.full(len(paths), -1, dtype=np.int64)
+    remote = [index for index, path in enumerate(paths) if storage.is_uri(path)]
+    for index, path in enumerate(paths):
+        if remote and storage.is_uri(path):
+            continue
+        try:
+            stat = os.stat(path)
+        except (OSError, ValueError):
+            continue
+        if not os.path.isdir(path):
+            sizes[index], mtimes[index] = stat.st_size, stat.st_mtime_ns
+    if remote:
+        fs, _ = storage.filesystem(paths[remote[0]])
+        try:
+            infos = fs.get_file_info([storage.filesystem(paths[index])[1] for index in remote])
+        except OSError:
+            infos = []
+        for index, info in zip(remote, infos):
+            if info.type == pyarrow.fs.FileType.File:
+                sizes[index], mtimes[index] = info.size, info.mtime_ns or 0
+    return sizes, mtimes
+
+
+def plan(inputs: pd.DataFrame, done: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """(the rows to process, with their file size and time; how many of them cannot be read already). A row is done
+    when the output holds it for this model and precision and its file is unchanged: same size and time, or, where
+    those differ (a copy, a touch) or were not recorded, the same sha256."""
+    sizes, mtimes = file_stats(inputs["image_path"])
+    table = inputs.assign(file_size_bytes=sizes, file_mtime_ns=mtimes)
+    if len(done):
+        stored = done.reindex(columns=["image_path", "file_sha256", "file_size_bytes", "file_mtime_ns"]).rename(
+            columns={"file_sha256": "_sha256", "file_size_bytes": "_size", "file_mtime_ns": "_mtime"})
+        table = table.merge(stored, on="image_path", how="left")
+        # -1 == -1: a file missing then and now keeps its error row (a rerun does not retry what cannot have changed).
+        is_done = table["_sha256"].notna() & (table["_size"] == table["file_size_bytes"]) & (table["_mtime"] == table["file_mtime_ns"])
+        recheck = table["_sha256"].notna() & ~is_done
+        for index in np.flatnonzero(recheck.to_numpy()):
+            is_done.iloc[index] = content_hash(table["image_path"].iloc[index]) == table["_sha256"].iloc[index]
+        table = table[~is_done.to_numpy()].drop(columns=["_sha256", "_size", "_mtime"])
+    table = table.reset_index(drop=True)
+    return table, int((table["file_size_bytes"] < 0).sum())
 
 
 PRECISIONS = ("auto", "int8", "fp32")
@@ -155,6 +215,7 @@ class LandmarkPredictor:
         from fetalpipe.review import ReviewRule
 
         torch.set_num_threads(threads)
+        model_path = storage.local_copy(model_path)  # an object-store model: downloaded once per node
         self.model, self.config, payload = load_inference_model(model_path, precision)
         self.precision = precision
         self.calibration = SizeCalibration.from_dict(payload.get("calibration"))
@@ -287,8 +348,8 @@ def plausibility_signals(points_original_px: np.ndarray, widths: np.ndarray, hei
 
 def write_batch(rows: dict[str, np.ndarray], predictions_dir: str) -> str:
     """One Parquet file per batch, named by the run and the batch's first row: a retried batch (actor
-    restarted) overwrites its own file. Written under a temporary name and renamed, so a crash
-    never leaves a half file under a name the readers pick up."""
+    restarted) overwrites its own file. Written whole (`storage.write_bytes`: a temporary name and a rename on
+    disk, one upload on an object store), so a crash never leaves a half file under a name the readers pick up."""
     import pyarrow as pa
 
     # Text columns typed as strings even when a batch holds only None (no errors): every file has the same
@@ -297,12 +358,17 @@ def write_batch(rows: dict[str, np.ndarray], predictions_dir: str) -> str:
         key: pa.array(list(value), type=pa.string()) if value.dtype == object else value
         for key, value in rows.items() if key != "row_index"
     })
-    name = f"{rows['run_id'][0]}-{int(np.min(rows['row_index'])):09d}.parquet"
-    path = os.path.join(predictions_dir, name)
-    partial = os.path.join(predictions_dir, f"_partial-{uuid.uuid4().hex}-{name}.tmp")
-    pq.write_table(table, partial)
-    os.replace(partial, path)
+    path = storage.join(predictions_dir, f"{rows['run_id'][0]}-{int(np.min(rows['row_index'])):09d}.parquet")
+    storage.write_bytes(path, parquet_bytes(table))
     return path
+
+
+def parquet_bytes(table) -> bytes:
+    import pyarrow as pa
+
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    return buffer.getvalue().to_pybytes()
 
 
 def draw_overlays_batch(batch: dict[str, np.ndarray], overlay_dir: str) -> dict[str, np.ndarray]:
@@ -318,17 +384,20 @@ def draw_overlays_batch(batch: dict[str, np.ndarray], overlay_dir: str) -> dict[
     return batch
 
 
-def read_predictions(output_dir: str, skip_files: frozenset = frozenset()) -> pd.DataFrame:
-    """All rows under OUT/predictions/ (except `skip_files`), newest row per image path. A file left
-    half-written by a crash is set aside (its rows are redone on the next run)."""
-    directory = os.path.join(output_dir, "predictions") if os.path.basename(os.path.normpath(output_dir)) != "predictions" else output_dir
+def read_predictions(output_dir: str, skip_files: frozenset = frozenset(), columns: list[str] | None = None) -> pd.DataFrame:
+    """All rows under OUT/predictions/ (except `skip_files`), newest row per image path (only `columns`, where given).
+    A damaged file (not one a crash left: those are never visible) is set aside, and its rows are redone."""
+    directory = output_dir if str(output_dir).rstrip("/").endswith("predictions") else storage.join(output_dir, "predictions")
     tables = []
-    for path in sorted(set(glob.glob(os.path.join(directory, "*.parquet"))) - skip_files):
+    for path in sorted(set(storage.list_files(directory, ".parquet")) - skip_files):
+        fs, inner_path = storage.filesystem(path)
         try:
-            tables.append(pq.read_table(path).to_pandas())
+            table = pq.read_table(inner_path, filesystem=fs)
+            wanted = [name for name in columns if name in table.column_names] if columns else None
+            tables.append((table.select(wanted) if wanted else table).to_pandas())
         except Exception:
             # Leading "_": pyarrow/pandas dataset readers skip it, and it stays for inspection.
-            os.replace(path, os.path.join(os.path.dirname(path), "_corrupt-" + os.path.basename(path)))
+            storage.move(path, storage.join(directory, "_corrupt-" + path.rstrip("/").rsplit("/", 1)[-1]))
     return newest_per_image(tables)
 
 
@@ -348,46 +417,50 @@ def run_inference(options: InferOptions) -> dict:
     started = time.perf_counter()
     if options.decode_in not in ("actors", "tasks"):
         raise ValueError(f"decode_in must be 'actors' or 'tasks', got {options.decode_in!r}")
-    model_path = os.path.abspath(options.model_path or DEFAULT_MODEL_PATH)
+    model_path = storage.absolute(options.model_path or DEFAULT_MODEL_PATH)
+    local_model_path = storage.local_copy(model_path)  # a model on an object store is read from a local copy
     # Fail early, with a clear message, on a file that is not a fetalpipe model. Read without torch: importing it
     # here slowed ray.init by 1.6-3.2 s on 2 cores (bench/ray_init_bench.py). The actors load the weights.
-    model_header = read_model_header(model_path)
+    model_header = read_model_header(local_model_path)
     model_config = model_header["train_config"]
     precision = resolve_precision(options.precision, model_header)
     if options.flip_average and model_config["layout"] == "coordinates":
         raise ValueError("--flip-average needs a heatmap model; this one regresses coordinates")
-    model_sha256 = file_sha256(model_path)
+    model_sha256 = file_sha256(local_model_path)
     inputs = collect_inputs(options.manifest, options.input_glob)
-    output_dir = os.path.abspath(options.output_dir)
-    predictions_dir = os.path.join(output_dir, "predictions")
-    if options.overwrite and os.path.isdir(output_dir):
-        shutil.rmtree(predictions_dir, ignore_errors=True)
-        shutil.rmtree(os.path.join(output_dir, "overlays"), ignore_errors=True)
-    if not os.path.isdir(predictions_dir) and os.path.isdir(predictions_dir + ".old"):  # a crash between compaction's two renames
-        os.replace(predictions_dir + ".old", predictions_dir)
-    os.makedirs(predictions_dir, exist_ok=True)
-    for partial in glob.glob(os.path.join(predictions_dir, "_partial-*")):  # left by a crash mid-write
-        os.remove(partial)
+    output_dir = storage.absolute(options.output_dir)
+    predictions_dir = storage.join(output_dir, "predictions")
+    if not options.dry_run:
+        check_writable(output_dir)
+        if options.overwrite:
+            storage.remove_folder(predictions_dir)
+            storage.remove_folder(storage.join(output_dir, "overlays"))
+        storage.makedirs(predictions_dir)
+        if not storage.is_uri(output_dir):
+            for partial in glob.glob(os.path.join(predictions_dir, "_partial-*")):  # left by a crash mid-write
+                os.remove(partial)
 
-    existing = read_predictions(output_dir)  # read once; after the run only the new files are read
-    existing_files = frozenset(glob.glob(os.path.join(predictions_dir, "*.parquet")))
+    existing_files = frozenset(storage.list_files(predictions_dir, ".parquet"))
+    # Read once; after the run only the new files are read. A dry run reads only the columns the plan needs.
+    existing = read_predictions(output_dir, columns=list(RESUME_COLUMNS) if options.dry_run else None)
     done = existing
-    if len(existing):  # rows written before the precision column existed were fp32
+    if len(existing) and not options.overwrite:  # rows written before the precision column existed were fp32
         row_precision = existing["precision"].fillna("fp32") if "precision" in existing else "fp32"
         done = existing[(existing["model_sha256"] == model_sha256) & (row_precision == precision)]
-    done_hash = dict(zip(done["image_path"], done["file_sha256"])) if len(done) else {}
-    pending_mask = np.array([path not in done_hash or done_hash[path] != content_hash(path) for path in inputs["image_path"]], dtype=bool)
-    pending = inputs[pending_mask].reset_index(drop=True)
+    pending, unreadable = plan(inputs, done.iloc[:0] if options.overwrite else done)
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     hint = " (this model file has no int8 parameters: `fetalpipe calibrate` adds them)" if options.precision == "auto" and precision == "fp32" else ""
-    log_path = os.path.join(output_dir, "logs", "ray.log")
-    console.header("infer", {
+    # Ray's log is a local file (an object cannot be appended to): beside the outputs, or in the temp folder.
+    log_path = os.path.join(tempfile.gettempdir(), "fetalpipe-logs", f"ray-{run_id}.log") if storage.is_uri(output_dir) else os.path.join(output_dir, "logs", "ray.log")
+    console.header("infer --dry-run" if options.dry_run else "infer", {
         "input": f"{options.manifest or options.input_glob}: {len(inputs)} images, {len(inputs) - len(pending)} already done, {len(pending)} to process",
         "model": f"{model_path} (sha256 {model_sha256[:12]}…, {precision}{hint})",
         "actors": f"{options.actors} × {options.threads_per_actor} thread(s), batches of {effective_batch_size(len(pending), options)}",
         "output": output_dir,
         "Ray log": "this console (--verbose)" if options.verbose else log_path,
     })
+    if options.dry_run:
+        return print_plan(pending, unreadable, len(inputs), time.perf_counter() - started)
 
     pipeline_seconds = 0.0
     if len(pending):
@@ -403,9 +476,8 @@ def run_inference(options: InferOptions) -> dict:
     stored = stored[[c for c in OUTPUT_COLUMNS if c in stored] + [c for c in stored if c not in OUTPUT_COLUMNS]]
     _compact_if_needed(predictions_dir, stored)
     final = stored[stored["image_path"].isin(set(inputs["image_path"]))]
-    csv_path = os.path.join(output_dir, "predictions.csv")
-    final.sort_values("image_path").to_csv(csv_path + ".tmp", index=False)
-    os.replace(csv_path + ".tmp", csv_path)
+    csv_path = storage.join(output_dir, "predictions.csv")
+    storage.write_text(csv_path, final.sort_values("image_path").to_csv(index=False))
     summary = {
         "rows": int(len(final)), "ok": int((final["status"] == "ok").sum()), "error": int((final["status"] == "error").sum()),
         "needs_review": int(final["needs_review"].fillna(False).astype(bool).sum()) if "needs_review" in final else 0,
@@ -421,22 +493,52 @@ def run_inference(options: InferOptions) -> dict:
     }
     run_record["command"] = " ".join(["fetalpipe", *sys.argv[1:]]) if os.path.basename(sys.argv[0]) == "fetalpipe" else " ".join(sys.argv)
     run_record["input"] = options.manifest or options.input_glob
-    with open(os.path.join(output_dir, "run.json.tmp"), "w") as handle:
-        json.dump(run_record, handle, indent=2, default=str)
-    os.replace(os.path.join(output_dir, "run.json.tmp"), os.path.join(output_dir, "run.json"))
-    outputs = {"predictions.csv": csv_path, "predictions/": predictions_dir + "/", "run.json": os.path.join(output_dir, "run.json")}
+    storage.write_text(storage.join(output_dir, "run.json"), json.dumps(run_record, indent=2, default=str))
+    outputs = {"predictions.csv": csv_path, "predictions/": predictions_dir + "/", "run.json": storage.join(output_dir, "run.json")}
     if options.report:
         from fetalpipe.report import write_report
 
         outputs["report.html"] = write_report(output_dir)
     if options.overlays:
-        outputs["overlays/"] = os.path.join(output_dir, "overlays") + "/"
+        outputs["overlays/"] = storage.join(output_dir, "overlays") + "/"
     if len(pending) and not options.verbose:
         outputs["Ray log"] = log_path
     summary["outputs"] = outputs
     if options.print_summary:
         print_summary(summary)
     return summary
+
+
+# The output columns a resume check needs (a dry run reads only these).
+RESUME_COLUMNS = ("image_path", "model_sha256", "precision", "file_sha256", "file_size_bytes", "file_mtime_ns", "run_sequence")
+
+
+def check_writable(output_dir: str) -> None:
+    """Write and remove one small object, so that an output location without access stops the job before any work."""
+    probe = storage.join(output_dir, f"_write-check-{uuid.uuid4().hex}")
+    try:
+        storage.makedirs(output_dir)
+        storage.write_bytes(probe, b"")
+        storage.remove(probe)
+    except OSError as error:
+        raise OutputLocationError(f"cannot write to the output location {output_dir}: {error}") from error
+
+
+class OutputLocationError(ValueError):
+    """The output folder or bucket prefix cannot be written (no access, no such bucket, a read-only disk)."""
+
+
+def print_plan(pending: pd.DataFrame, unreadable: int, inputs: int, seconds: float, shown: int = 10) -> dict:
+    """What a dry run found; returns its counts."""
+    missing = pending[pending["file_size_bytes"] < 0]["image_path"]
+    lines = {"to process": f"{len(pending)} of {inputs} rows ({inputs - len(pending)} already done)",
+             "errors already visible": f"{unreadable} (missing or unreadable: each will get an error row)"}
+    for path in missing.head(shown):
+        lines[f"  {path}"] = "missing or unreadable"
+    if unreadable > shown:
+        lines[f"  … and {unreadable - shown} more"] = ""
+    console.summary(f"fetalpipe infer --dry-run: planned in {seconds:.1f} s; nothing started, nothing written", lines)
+    return {"rows": inputs, "to_process": int(len(pending)), "done": int(inputs - len(pending)), "unreadable": int(unreadable), "seconds": round(seconds, 3)}
 
 
 def print_summary(summary: dict) -> None:
@@ -474,7 +576,7 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
         )
     overlay_dir = None
     if options.overlays:
-        overlay_dir = os.path.join(os.path.dirname(predictions_dir), "overlays")
+        overlay_dir = storage.join(predictions_dir.rstrip("/").rsplit("/", 1)[0] if storage.is_uri(predictions_dir) else os.path.dirname(predictions_dir), "overlays")
         os.makedirs(overlay_dir, exist_ok=True)
     dataset = dataset.map_batches(
         LandmarkPredictor,
@@ -516,23 +618,25 @@ def _last_exception(traceback_text: str) -> str:
 def _compact_if_needed(predictions_dir: str, newest: pd.DataFrame) -> None:
     """Rewrite the dataset when rows were superseded by a rerun (changed file, new model), or when the
     one-file-per-batch layout has left many small files (a 1M-image archive would leave ~16,000):
-    parts of at most ROWS_PER_COMPACTED_FILE rows. Swapped in by renames, so a crash leaves either version."""
-    files = glob.glob(os.path.join(predictions_dir, "*.parquet"))
-    stored = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
+    parts of at most ROWS_PER_COMPACTED_FILE rows. The parts are written under new names first, then the old files
+    are deleted; a crash in between leaves each row twice, identical, which readers reduce to one (newest_per_image)."""
+    files = storage.list_files(predictions_dir, ".parquet")
+    stored = 0
+    for path in files:
+        fs, inner_path = storage.filesystem(path)
+        stored += pq.ParquetFile(fs.open_input_file(inner_path)).metadata.num_rows
     parts_needed = max(-(-len(newest) // ROWS_PER_COMPACTED_FILE), 1)
     if stored == len(newest) and (len(files) <= MAX_FILES_BEFORE_COMPACTION or len(files) <= parts_needed):
         return
-    staging = predictions_dir + ".compact"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    import pyarrow as pa
+
+    token = uuid.uuid4().hex[:8]
     for part in range(parts_needed):
         rows = newest.iloc[part * ROWS_PER_COMPACTED_FILE:(part + 1) * ROWS_PER_COMPACTED_FILE]
-        rows.to_parquet(os.path.join(staging, f"part-compacted-{part:05d}.parquet"), index=False)
-    backup = predictions_dir + ".old"
-    shutil.rmtree(backup, ignore_errors=True)
-    os.replace(predictions_dir, backup)
-    os.replace(staging, predictions_dir)
-    shutil.rmtree(backup, ignore_errors=True)
+        path = storage.join(predictions_dir, f"part-compacted-{token}-{part:05d}.parquet")
+        storage.write_bytes(path, parquet_bytes(pa.Table.from_pandas(rows, preserve_index=False)))
+    for path in files:
+        storage.remove(path)
 
 
 def _versions() -> dict:

@@ -35,10 +35,17 @@ class ManifestError(ValueError):
 
 def read_table(path: str) -> pd.DataFrame:
     """Read a CSV or Parquet manifest (local path or pyarrow-filesystem URI such as s3://)."""
-    if path.endswith(".parquet") or (not path.endswith(".csv") and os.path.isdir(path)):
-        return pd.read_parquet(path)
+    import io
+
+    import pyarrow.parquet as pq
+
+    from fetalpipe import storage
+
+    if path.endswith(".parquet") or (not path.endswith(".csv") and not storage.is_uri(path) and os.path.isdir(path)):
+        fs, inner_path = storage.filesystem(path)
+        return pq.read_table(inner_path, filesystem=fs).to_pandas()
     if path.endswith(".csv"):
-        return pd.read_csv(path, dtype={"subject_id": str})
+        return pd.read_csv(io.BytesIO(storage.read_bytes(path)), dtype={"subject_id": str})
     raise ManifestError(f"{path}: manifest must be a .csv or .parquet file")
 
 

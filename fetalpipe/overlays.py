@@ -24,10 +24,13 @@ def overlay_filename(image_path: str) -> str:
 
 def draw_overlay(row: dict, overlay_dir: str) -> str:
     """Write `render_overlay(row)` to OVERLAY_DIR/`overlay_filename`; returns its path."""
-    canvas = render_overlay(row)
-    path = os.path.join(overlay_dir, overlay_filename(str(row["image_path"])))
-    cv2.imwrite(path + ".tmp.png", canvas)
-    os.replace(path + ".tmp.png", path)
+    from fetalpipe import storage
+
+    ok, encoded = cv2.imencode(".png", render_overlay(row))
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    path = storage.join(overlay_dir, overlay_filename(str(row["image_path"])))
+    storage.write_bytes(path, encoded.tobytes())
     return path
 
 

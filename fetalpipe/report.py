@@ -16,6 +16,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from fetalpipe import storage
 from fetalpipe.clinical import CENTILE_Z, hc_for_centile_mm
 
 MAX_GALLERY_IMAGES = 48
@@ -35,13 +36,11 @@ img.thumbnail { width: 320px; height: auto; }
 
 def write_report(output_dir: str) -> str:
     """Read OUT/predictions.csv and OUT/run.json, write OUT/report.html (atomically); returns its path."""
-    predictions = pd.read_csv(os.path.join(output_dir, "predictions.csv"), dtype={"error": str, "review_reason": str}, keep_default_na=True)
-    run_path = os.path.join(output_dir, "run.json")
-    run = json.load(open(run_path)) if os.path.exists(run_path) else {}
-    path = os.path.join(output_dir, "report.html")
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        handle.write(render_report(predictions, run, output_dir))
-    os.replace(path + ".tmp", path)
+    predictions = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(output_dir, "predictions.csv"))), dtype={"error": str, "review_reason": str})
+    run_path = storage.join(output_dir, "run.json")
+    run = json.loads(storage.read_bytes(run_path)) if storage.exists(run_path) else {}
+    path = storage.join(output_dir, "report.html")
+    storage.write_text(path, render_report(predictions, run, output_dir))
     return path
 
 
@@ -53,7 +52,7 @@ def render_report(predictions: pd.DataFrame, run: dict, output_dir: str) -> str:
     flagged = predictions[needs_review & (status == "ok")]
     sections = [
         f"<h1>fetalpipe run report</h1><p class='note'>Written {html.escape(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))} "
-        f"from <code>{html.escape(os.path.abspath(output_dir))}</code>.</p>",
+        f"from <code>{html.escape(storage.absolute(output_dir))}</code>.</p>",
         _provenance(run),
         _counts(len(predictions), len(ok), len(errors), len(flagged), run),
         _distributions(ok),
@@ -65,7 +64,7 @@ def render_report(predictions: pd.DataFrame, run: dict, output_dir: str) -> str:
         outside = ok[(centile < 3) | (centile > 97)]
         sections.append(_gallery("Outside the INTERGROWTH-21st 3rd–97th centiles", "outside-centiles", outside, output_dir, "hc_centile_intergrowth21"))
     links = ["<a href='predictions.csv'>predictions.csv</a>", "<a href='predictions/'>predictions/</a> (Parquet)"]
-    if os.path.isdir(os.path.join(output_dir, "overlays")):
+    if storage.list_files(storage.join(output_dir, "overlays"), ".png"):
         links.append("<a href='overlays/'>overlays/</a>")
     sections.append("<h2>Outputs</h2><p>" + " · ".join(links) + "</p>")
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>fetalpipe report</title><style>{STYLE}</style></head>"
@@ -179,9 +178,9 @@ def _thumbnail_data_uri(row: dict, output_dir: str) -> str | None:
 
     from fetalpipe.overlays import overlay_filename, render_overlay
 
-    overlay_path = os.path.join(output_dir, "overlays", overlay_filename(str(row["image_path"])))
+    overlay_path = storage.join(output_dir, "overlays", overlay_filename(str(row["image_path"])))
     try:
-        canvas = cv2.imread(overlay_path) if os.path.exists(overlay_path) else render_overlay(row)
+        canvas = cv2.imdecode(np.frombuffer(storage.read_bytes(overlay_path), np.uint8), cv2.IMREAD_COLOR) if storage.exists(overlay_path) else render_overlay(row)
     except Exception:  # the image moved or changed since the run: the caption still says what it was
         return None
     if canvas is None:
