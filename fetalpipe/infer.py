@@ -392,9 +392,8 @@ def read_predictions(output_dir: str, skip_files: frozenset = frozenset(), colum
     for path in sorted(set(storage.list_files(directory, ".parquet")) - skip_files):
         fs, inner_path = storage.filesystem(path)
         try:
-            table = pq.read_table(inner_path, filesystem=fs)
-            wanted = [name for name in columns if name in table.column_names] if columns else None
-            tables.append((table.select(wanted) if wanted else table).to_pandas())
+            wanted = [name for name in columns if name in pq.read_schema(inner_path, filesystem=fs).names] if columns else None
+            tables.append(pq.read_table(inner_path, filesystem=fs, columns=wanted).to_pandas())
         except Exception:
             # Leading "_": pyarrow/pandas dataset readers skip it, and it stays for inspection.
             storage.move(path, storage.join(directory, "_corrupt-" + path.rstrip("/").rsplit("/", 1)[-1]))

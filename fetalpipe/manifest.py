@@ -118,13 +118,16 @@ def validate_manifest(
 def _optional_number_column(table: pd.DataFrame, column: str, source: str, allow_zero: bool) -> pd.Series:
     """The column as float64: empty cells are NaN (unknown); text, infinities and negative values (or zero, unless
     `allow_zero`) are errors that name the row."""
-    values = pd.to_numeric(table[column], errors="coerce")
-    for row in range(len(table)):
-        raw, value = table[column][row], values[row]
-        if (pd.isna(value) and not pd.isna(raw)) or (not pd.isna(value) and not np.isfinite(value)):
-            raise ManifestError(f"{source}: row {row + 1}, column '{column}': not a number ({raw!r})")
-        if not pd.isna(value) and (value < 0 or (value == 0 and not allow_zero)):
-            raise ManifestError(f"{source}: row {row + 1}, column '{column}': must be {'non-negative' if allow_zero else 'positive'}, got {value}")
+    raw = table[column]
+    values = pd.to_numeric(raw, errors="coerce").astype("float64")
+    not_a_number = (values.isna() & raw.notna()) | np.isinf(values)
+    if not_a_number.any():
+        row = int(np.flatnonzero(not_a_number.to_numpy())[0])
+        raise ManifestError(f"{source}: row {row + 1}, column '{column}': not a number ({raw.iloc[row]!r})")
+    out_of_range = (values < 0) | ((values == 0) & (not allow_zero))
+    if out_of_range.any():
+        row = int(np.flatnonzero(out_of_range.to_numpy())[0])
+        raise ManifestError(f"{source}: row {row + 1}, column '{column}': must be {'non-negative' if allow_zero else 'positive'}, got {values.iloc[row]}")
     return values.astype("float64")
 
 
