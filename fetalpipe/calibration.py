@@ -83,6 +83,8 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
     and write all three into the model file. The measurement stays in OUTPUT.calibration/
     (predictions and an evaluate report of the training split); like any inference output it must be on storage
     every node can reach. Returns the fit and the split's HC MAE before and after."""
+    import io
+
     import pandas as pd
 
     from fetalpipe.evaluate import evaluate_predictions
@@ -93,6 +95,9 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
     from fetalpipe.quantize import CALIBRATION_IMAGES, observe_quantization
     from fetalpipe.train import split_by_subject
 
+    from fetalpipe import storage
+
+    model_path = storage.local_copy(model_path)
     model, config, payload = load_model(model_path)
     table = load_manifest(manifest_path, require_landmarks=True)
     train_table, _ = split_by_subject(table, config.val_fraction)
@@ -100,8 +105,8 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
         raise ValueError(f"{manifest_path}: no image is in the training split (by subject_id); calibrate on the manifest the model was trained on")
     if "pixel_spacing_mm" not in train_table or train_table["pixel_spacing_mm"].isna().all():
         raise ValueError(f"{manifest_path}: size calibration needs pixel_spacing_mm")
-    work_dir = os.path.abspath(output_path) + ".calibration"
-    os.makedirs(work_dir, exist_ok=True)
+    work_dir = storage.absolute(output_path) + ".calibration"
+    storage.makedirs(work_dir)
     # Evenly spaced over the split, sorted by path: the same images on every rerun.
     paths = sorted(train_table["image_path"])
     chosen = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(CALIBRATION_IMAGES, len(paths)))]
@@ -114,18 +119,18 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
         crops = polar_crops_around_references(config.refinement.codec(), decoded, train_table.set_index("image_path").loc[chosen])
         refinement_int8_quantization = observe_quantization(refinement, crops)
     weights = {**refinement_entries(payload), "refinement_int8_quantization": refinement_int8_quantization}
-    uncalibrated = os.path.join(work_dir, "uncalibrated_model.pt")
+    uncalibrated = storage.join(work_dir, "uncalibrated_model.pt")
     save_model(uncalibrated, payload["state_dict"], config, metrics=payload.get("metrics"), training=payload.get("training"),
                int8_quantization=int8_quantization, **weights)
-    split_manifest = os.path.join(work_dir, "train_split.csv")
-    train_table.to_csv(split_manifest, index=False)  # load_manifest made the image paths absolute
+    split_manifest = storage.join(work_dir, "train_split.csv")
+    storage.write_text(split_manifest, train_table.to_csv(index=False))  # load_manifest made the image paths absolute
     try:
-        run_inference(InferOptions(output_dir=os.path.join(work_dir, "inference"), manifest=split_manifest, model_path=uncalibrated,
+        run_inference(InferOptions(output_dir=storage.join(work_dir, "inference"), manifest=split_manifest, model_path=uncalibrated,
                                    overwrite=True, ray_address=ray_address, precision="int8", report=False, print_summary=False))
-        evaluate_predictions(os.path.join(work_dir, "inference"), split_manifest, os.path.join(work_dir, "report"))
+        evaluate_predictions(storage.join(work_dir, "inference"), split_manifest, storage.join(work_dir, "report"))
     finally:  # also when no head was found in the split (evaluate refuses): the temporary model never stays behind
-        os.remove(uncalibrated)
-    errors = pd.read_csv(os.path.join(work_dir, "report", "per_image_errors.csv"))
+        storage.remove(uncalibrated)
+    errors = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(work_dir, "report", "per_image_errors.csv"))))
     measured = (errors["reference_hc_mm"] + errors["hc_ellipse_diff_mm"]).to_numpy()
     reference = errors["reference_hc_mm"].to_numpy()
     calibration = SizeCalibration.fit(measured, reference)

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 
 
@@ -28,6 +29,7 @@ def _cmd_import_hc18(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from fetalpipe import storage
     from fetalpipe.train import resolve_config, run_training
 
     config = resolve_config(args.config, {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr})
@@ -37,14 +39,15 @@ def _cmd_train(args) -> int:
         args.manifest, args.output, config, workers=args.workers, threads_per_worker=args.threads_per_worker,
         max_failures=args.max_failures, ray_address=args.address, stage1_model=args.stage1_model, verbose=args.verbose,
     )
-    trained = os.path.join(args.output, "model.pt")
+    run_dir = storage.absolute(args.output)
+    trained = storage.join(run_dir, "model.pt")
     outputs = {"model.pt": trained}
     if args.calibrate:
         calibrated = _calibrate_after_training(trained, args)
         if calibrated:
             outputs["model_calibrated.pt"] = calibrated + "  (the file to run `fetalpipe infer --model` with)"
-    outputs.update({"metrics.csv": os.path.join(args.output, "metrics.csv"), "loss curves": os.path.join(args.output, "loss_curves.png"),
-                    "Ray log": os.path.join(args.output, "logs", "ray.log")})
+    outputs.update({"metrics.csv": storage.join(run_dir, "metrics.csv"), "loss curves": storage.join(run_dir, "loss_curves.png"),
+                    "Ray log": result.get("ray_log", "")})
     best = result.get("refinement", result)
     best_text = f"best epoch {best.get('best_epoch', '?')}, val HC MAE {best.get('val_hc_mae_mm', float('nan')):.2f} mm" if isinstance(best, dict) else ""
     wall_text = f"finished in {result['wall_seconds'] / 60:.1f} min" if "wall_seconds" in result else "finished"
@@ -56,9 +59,10 @@ def _calibrate_after_training(trained: str, args) -> str | None:
     """`calibrate` on the new model (int8 parameters and the size line), into RUN_DIR/model_calibrated.pt: the file to
     run `infer` with. A manifest it cannot calibrate on (no training-split image, no pixel spacing, too few heads found)
     leaves the trained model as it is, and says why."""
+    from fetalpipe import storage
     from fetalpipe.calibration import calibrate_model
 
-    calibrated = os.path.join(args.output, "model_calibrated.pt")
+    calibrated = storage.join(storage.absolute(args.output), "model_calibrated.pt")
     try:
         summary = calibrate_model(trained, args.manifest, calibrated, ray_address=args.address)
     except ValueError as error:
@@ -94,7 +98,8 @@ def _cmd_calibrate(args) -> int:
 
     from fetalpipe import console
 
-    with console.ray_logs_to_file(os.path.join(os.path.dirname(os.path.abspath(args.output)), "logs", "ray.log"), args.verbose):
+    log_folder = os.path.join(tempfile.gettempdir(), "fetalpipe-logs") if "://" in args.output else os.path.join(os.path.dirname(os.path.abspath(args.output)), "logs")
+    with console.ray_logs_to_file(os.path.join(log_folder, "ray.log"), args.verbose):
         summary = calibrate_model(args.model, args.manifest, args.output, ray_address=args.address)
     print(f"HC error on the training split = {summary['intercept_mm']:+.3f} mm {summary['slope']:+.5f} × HC; "
           f"HC MAE {summary['train_hc_mae_mm_before']:.3f} -> {summary['train_hc_mae_mm_after']:.3f} mm over {summary['images']} images")

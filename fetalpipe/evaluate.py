@@ -4,13 +4,14 @@ pairing is closer, so OFD1/OFD2 naming never counts as an error."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
 import numpy as np
 import pandas as pd
 
-from fetalpipe import LANDMARK_COLUMNS
+from fetalpipe import LANDMARK_COLUMNS, storage
 from fetalpipe.biometry import biometry_mm
 from fetalpipe.review import LARGE_ERROR_MM
 
@@ -90,7 +91,9 @@ def bland_altman_plot(errors: pd.DataFrame, predicted_column: str, path: str) ->
     axes.set_ylabel("predicted − reference HC (mm)")
     axes.set_title(f"Bland–Altman HC: bias {bias:.2f} mm, 95% LoA ±{spread:.2f} mm")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    storage.write_bytes(path, buffer.getvalue())
     plt.close(figure)
 
 
@@ -122,9 +125,8 @@ def evaluate_predictions(predictions_dir: str, manifest_path: str, output_dir: s
         summary["flagged_fraction"] = float(flagged.mean())
         summary[f"flagged_of_images_over_{LARGE_ERROR_MM:g}mm"] = float(flagged[large.to_numpy()].mean()) if large.any() else None
     summary["images_missing_prediction"] = int(len(reference) - len(joined))
-    os.makedirs(output_dir, exist_ok=True)
-    errors.to_csv(os.path.join(output_dir, "per_image_errors.csv"), index=False)
-    with open(os.path.join(output_dir, "metrics.json"), "w") as handle:
-        json.dump(summary, handle, indent=2)
-    bland_altman_plot(errors, "hc_ellipse_diff_mm", os.path.join(output_dir, "bland_altman_hc.png"))
+    storage.makedirs(output_dir)
+    storage.write_text(storage.join(output_dir, "per_image_errors.csv"), errors.to_csv(index=False))
+    storage.write_text(storage.join(output_dir, "metrics.json"), json.dumps(summary, indent=2))
+    bland_altman_plot(errors, "hc_ellipse_diff_mm", storage.join(output_dir, "bland_altman_hc.png"))
     return summary

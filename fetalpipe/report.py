@@ -1,12 +1,13 @@
 """OUT/report.html: one self-contained page to read a run by (provenance, counts, distributions, errors, and the images to look at).
 
-Self-contained: plots and thumbnails are embedded as data URIs and the page has no script, font or stylesheet to
+Self-contained: plots (SVG, `svg_plots`) and thumbnails (JPEG) are embedded as data URIs and the page has no script, font or stylesheet to
 fetch, so it opens from a hospital share with no network. It stays readable at any size: the plots aggregate, and
 the tables and galleries are capped with a note of how many rows were left out (all of them are in predictions.csv)."""
 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import datetime
 import html
 import io
@@ -16,13 +17,13 @@ import os
 import numpy as np
 import pandas as pd
 
-from fetalpipe import storage
+from fetalpipe import storage, svg_plots
 from fetalpipe.clinical import CENTILE_Z, hc_for_centile_mm
 
 MAX_GALLERY_IMAGES = 48
 MAX_ERROR_ROWS = 200
 THUMBNAIL_WIDTH_PX = 320
-SCATTER_POINTS_BEFORE_HEXBIN = 2000
+SCATTER_POINTS_BEFORE_BINNING = 2000
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }
@@ -30,7 +31,7 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 
 table { border-collapse: collapse; } td, th { padding: 0.2em 0.8em; text-align: left; border-bottom: 1px solid #eee; vertical-align: top; }
 .counts td { font-size: 1.3em; } .note { color: #666; }
 .gallery { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; width: 320px; } figcaption { font-size: 0.8em; word-break: break-all; }
-img.thumbnail { width: 320px; height: auto; }
+img.thumbnail { width: 320px; height: auto; } .plots { display: flex; flex-wrap: wrap; gap: 1em; }
 """
 
 
@@ -108,59 +109,30 @@ def _counts(rows: int, ok: int, error: int, flagged: int, run: dict) -> str:
     return "<h2>Counts</h2>" + _table(cells, "counts") + f"<p class='note'>{html.escape(timing)}</p>"
 
 
-def _png_data_uri(figure) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(figure)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+def _svg_data_uri(svg: str) -> str:
+    return "data:image/svg+xml;base64," + base64.b64encode(svg.encode("utf-8")).decode("ascii")
 
 
 def _distributions(ok: pd.DataFrame) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     columns = [(name, label) for name, label in (("hc_ellipse_mm", "HC (mm)"), ("bpd_mm", "BPD (mm)"), ("ofd_mm", "OFD (mm)"))
                if name in ok and ok[name].notna().any()]
     if not columns:
         return "<h2>Distributions</h2><p class='note'>No measurement in mm (no ok row with a pixel spacing).</p>"
-    figure, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3))
-    for axis, (name, label) in zip(np.atleast_1d(axes), columns):
-        values = ok[name].dropna()
-        axis.hist(values, bins=min(50, max(5, len(values) // 4)), color="#4477aa")
-        axis.set_xlabel(label)
-        axis.set_ylabel("images")
-    parts = [f"<h2>Distributions</h2><img id='plot-distributions' alt='histograms of HC, BPD and OFD' src='{_png_data_uri(figure)}'>"]
+    plots = "".join(f"<img id='plot-{name}' alt='histogram of {label}' src='{_svg_data_uri(svg_plots.histogram(ok[name].to_numpy(float), label))}'>"
+                    for name, label in columns)
+    parts = [f"<h2>Distributions</h2><div class='plots'>{plots}</div>"]
     known = ok.dropna(subset=["hc_ellipse_mm"]) if "gestational_age_weeks" in ok else ok.iloc[:0]
     known = known[known["gestational_age_weeks"].notna()] if len(known) else known
     if len(known):
+        curve_weeks = np.linspace(14, 40, 105)
+        curves = [(f"{centile}{'rd' if centile == 3 else 'th'} centile", curve_weeks, hc_for_centile_mm(curve_weeks, z), "#222222" if centile == 50 else "#cc3311")
+                  for centile, z in sorted(CENTILE_Z.items(), reverse=True)]
+        svg = svg_plots.points_with_curves(known["gestational_age_weeks"], known["hc_ellipse_mm"], curves, "gestational age (weeks)", "HC (mm)",
+                                           max_points=SCATTER_POINTS_BEFORE_BINNING)
         parts.append(f"<h3>HC against gestational age</h3><img id='plot-hc-ga' alt='HC against gestational age with INTERGROWTH-21st centiles' "
-                     f"src='{_png_data_uri(_hc_against_ga_figure(known))}'>"
+                     f"src='{_svg_data_uri(svg)}'>"
                      "<p class='note'>Curves: the INTERGROWTH-21st fetal HC standard's 3rd, 50th and 97th centiles (Papageorghiou et al., Lancet 2014).</p>")
     return "".join(parts)
-
-
-def _hc_against_ga_figure(known: pd.DataFrame):
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    ga_weeks, hc_mm = known["gestational_age_weeks"].to_numpy(float), known["hc_ellipse_mm"].to_numpy(float)
-    if len(known) > SCATTER_POINTS_BEFORE_HEXBIN:
-        image = axis.hexbin(ga_weeks, hc_mm, gridsize=60, mincnt=1, cmap="Blues", bins="log")
-        figure.colorbar(image, ax=axis, label="images")
-    else:
-        axis.scatter(ga_weeks, hc_mm, s=8, color="#4477aa", label="measured", zorder=3)
-    curve_weeks = np.linspace(14, 40, 200)
-    for centile, z in CENTILE_Z.items():
-        axis.plot(curve_weeks, hc_for_centile_mm(curve_weeks, z), color="#cc3311" if centile != 50 else "#222222",
-                  linestyle="--" if centile != 50 else "-", label=f"{centile}{'rd' if centile == 3 else 'th'} centile")
-    axis.set_xlabel("gestational age (weeks)")
-    axis.set_ylabel("HC (mm)")
-    axis.legend(loc="upper left", fontsize=8)
-    return figure
 
 
 def _error_table(errors: pd.DataFrame) -> str:
@@ -195,12 +167,15 @@ def _gallery(title: str, element_id: str, rows: pd.DataFrame, output_dir: str, r
     if rows.empty:
         return f"<h2>{html.escape(title)}</h2><p>None.</p>"
     shown = rows.head(MAX_GALLERY_IMAGES)
+    records = shown.to_dict("records")
+    # Decoding and drawing release the GIL: the thumbnails render on every core (the run's actors are done by now).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        uris = list(pool.map(lambda row: _thumbnail_data_uri(row, output_dir), records))
     figures = []
-    for row in shown.to_dict("records"):
+    for row, uri in zip(records, uris):
         reason = row.get(reason_column)
         reason_text = f"centile {reason:.1f}" if isinstance(reason, float) and reason_column.startswith("hc_centile") else str(reason or "")
         caption = f"<code>{html.escape(os.path.basename(str(row['image_path'])))}</code> HC {row.get('hc_ellipse_mm', float('nan')):.1f} mm<br>{html.escape(reason_text)}"
-        uri = _thumbnail_data_uri(row, output_dir)
         image = f"<img class='thumbnail' alt='overlay' src='{uri}'>" if uri else "<p class='note'>(image no longer readable)</p>"
         figures.append(f"<figure>{image}<figcaption>{caption}</figcaption></figure>")
     note = f"<p class='note'>{len(rows) - len(shown)} more are in predictions.csv.</p>" if len(rows) > len(shown) else ""

@@ -112,7 +112,11 @@ def local_copy(location: str) -> str:
     time (so every actor on a node downloads a model once, and a changed object is downloaded again)."""
     if not is_uri(location):
         return os.path.abspath(location)
+    import pyarrow.fs
+
     info = file_info(location)
+    if info.type != pyarrow.fs.FileType.File:
+        raise FileNotFoundError(f"no such object: {location}")
     key = hashlib.sha256(f"{location}|{info.size}|{info.mtime_ns}".encode()).hexdigest()[:24]
     folder = os.path.join(tempfile.gettempdir(), "fetalpipe-cache")
     os.makedirs(folder, exist_ok=True)

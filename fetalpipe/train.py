@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from fetalpipe import storage
 from fetalpipe.augment import ARCHIVE_AUGMENT, ARCHIVE_FINE_TUNE_AUGMENT, AcquisitionAugmentConfig, AugmentConfig
 from fetalpipe.heatmaps import HeatmapCodec
 from fetalpipe.model import MODEL_CONFIGS, ModelConfig
@@ -556,14 +558,16 @@ def run_training(
 
     started = time.perf_counter()
     table = load_manifest(manifest_path, require_landmarks=True)
-    run_dir = os.path.abspath(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir = storage.absolute(run_dir)  # a path every node can reach, or an object-store URI (Ray Train's storage_path)
+    storage.makedirs(run_dir)
     if stage1_model:
         if config.refinement is None:
             raise ValueError("--stage1-model needs a configuration with a refinement stage (e.g. ellipse_refine)")
         config = _stage1_from_file(stage1_model, run_dir, config)
     _write_or_check_config(run_dir, config)
-    log_path = os.path.join(run_dir, "logs", "ray.log")
+    # Ray's log is a local file (an object cannot be appended to): in RUN_DIR, or in the temp folder for a URI.
+    log_path = (os.path.join(tempfile.gettempdir(), "fetalpipe-logs", f"train-{time.strftime('%Y%m%dT%H%M%S')}.log") if storage.is_uri(run_dir)
+                else os.path.join(run_dir, "logs", "ray.log"))
     stages = ([] if stage1_model else [f"stage 1, {config.epochs} epochs"]) + ([f"refinement stage, {config.refinement.epochs} epochs"] if config.refinement else [])
     console.header("train", {
         "manifest": f"{manifest_path}: {len(table)} labelled images, split by subject_id ({config.val_fraction:.0%} validation)",
@@ -576,17 +580,18 @@ def run_training(
     with console.ray_logs_to_file(log_path, verbose):
         connect(ray_address, quiet_ray_train=True)
         if stage1_model:
-            result = {"stage1_model": os.path.abspath(stage1_model)}
+            result = {"stage1_model": storage.absolute(stage1_model)}
         else:
             result, resumed_after["stage1"] = _train_stage(run_dir, manifest_path, table, config, workers, threads_per_worker, max_failures)
         if config.refinement is not None:
             result["refinement"], resumed_after["refinement"] = _train_stage(
-                os.path.join(run_dir, "refinement"), manifest_path, table, config, workers, threads_per_worker, max_failures, refinement=True)
+                storage.join(run_dir, "refinement"), manifest_path, table, config, workers, threads_per_worker, max_failures, refinement=True)
             write_refinement_outputs(run_dir)
     wall_seconds = time.perf_counter() - started
-    with open(os.path.join(run_dir, "run.json"), "w") as handle:  # the wall clock of this invocation, start-up included
-        json.dump({"wall_seconds": round(wall_seconds, 1), "workers": workers, "threads_per_worker": threads_per_worker,
-                   "resumed_after_epoch": resumed_after}, handle, indent=2)
+    storage.write_text(storage.join(run_dir, "run.json"), json.dumps(  # the wall clock of this invocation, start-up included
+        {"wall_seconds": round(wall_seconds, 1), "workers": workers, "threads_per_worker": threads_per_worker,
+         "resumed_after_epoch": resumed_after, "ray_log": log_path}, indent=2))
+    result["ray_log"] = log_path
     result["wall_seconds"] = round(wall_seconds, 1)
     return result
 
@@ -596,8 +601,8 @@ def _stage1_from_file(stage1_model: str, run_dir: str, config: TrainConfig) -> T
     from fetalpipe.model_io import load_model, save_model
 
     model, stage1_config, payload = load_model(stage1_model)
-    save_model(os.path.join(run_dir, "model.pt"), payload["state_dict"], stage1_config.without_refinement(), metrics=payload.get("metrics"),
-               training={**payload.get("training", {}), "stage1_from": os.path.abspath(stage1_model)})
+    save_model(storage.join(run_dir, "model.pt"), payload["state_dict"], stage1_config.without_refinement(), metrics=payload.get("metrics"),
+               training={**payload.get("training", {}), "stage1_from": storage.absolute(stage1_model)})
     return dataclasses.replace(stage1_config, refinement=config.refinement)
 
 
@@ -610,7 +615,7 @@ def _train_stage(stage_dir: str, manifest_path: str, table: pd.DataFrame, config
 
     name = "refinement stage" if refinement else "stage 1"
     epochs = config.refinement.epochs if refinement else config.epochs
-    os.makedirs(stage_dir, exist_ok=True)
+    storage.makedirs(stage_dir)
     done = list_checkpoints(stage_dir)
     if done and done[-1][0] >= epochs:
         print(f"fetalpipe train: {name}: {stage_dir} already holds all {epochs} epochs; rewriting its outputs", flush=True)
@@ -628,7 +633,7 @@ def _train_stage(stage_dir: str, manifest_path: str, table: pd.DataFrame, config
     else:
         train_ds, val_ds, train_count, val_count, skipped = build_datasets(train_table, val_table, config)
         loop, loop_config = train_loop_per_worker, {"train_config": config.to_dict()}
-    skipped.to_csv(os.path.join(stage_dir, "skipped_images.csv"), index=False)
+    storage.write_text(storage.join(stage_dir, "skipped_images.csv"), skipped.to_csv(index=False))
     if len(skipped):
         print(f"fetalpipe train: WARNING: skipping {len(skipped)} unreadable image(s), listed in {stage_dir}/skipped_images.csv:", flush=True)
         for row in skipped.head(10).itertuples():
@@ -690,8 +695,7 @@ class EpochLines:
         for epoch, checkpoint in list_checkpoints(self.stage_dir):
             if epoch <= self.printed:
                 continue
-            with open(os.path.join(checkpoint, "metrics.json")) as handle:
-                metrics = json.load(handle)
+            metrics = json.loads(storage.read_bytes(storage.join(checkpoint, "metrics.json")))
             self.seconds.append(metrics.get("epoch_seconds", float("nan")))
             eta = format_seconds(float(np.nanmean(self.seconds)) * (self.epochs - epoch)) if np.isfinite(np.nanmean(self.seconds)) else "?"
             print(f"{self.name}: epoch {epoch}/{self.epochs}  train loss {metrics['train_loss']:.4f}  val loss {metrics['val_loss']:.4f}  "
@@ -700,51 +704,54 @@ class EpochLines:
 
 
 def _write_or_check_config(run_dir: str, config: TrainConfig) -> None:
-    path = os.path.join(run_dir, "train_config.json")
-    if os.path.exists(path):
-        with open(path) as handle:
-            previous = json.load(handle)
+    path = storage.join(run_dir, "train_config.json")
+    if storage.exists(path):
+        previous = json.loads(storage.read_bytes(path))
         current = json.loads(json.dumps(config.to_dict()))
         if {k: v for k, v in previous.items() if k != "epochs"} != {k: v for k, v in current.items() if k != "epochs"}:
             raise ValueError(f"{run_dir} holds a run with a different configuration; use a new --output or delete it")
-    with open(path, "w") as handle:
-        json.dump(config.to_dict(), handle, indent=2)
+    storage.write_text(path, json.dumps(config.to_dict(), indent=2))
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(epoch, checkpoint dir) for every checkpoint Ray Train stored under RUN_DIR."""
+    """(epoch, checkpoint dir) for every checkpoint Ray Train stored under RUN_DIR (a path or an object-store URI)."""
+    import pyarrow.fs
+
     found = []
-    root = os.path.join(run_dir, "ray_train")
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        metrics_path = os.path.join(root, name, "metrics.json")
-        if name.startswith("checkpoint_") and os.path.exists(metrics_path):
-            with open(metrics_path) as handle:
-                found.append((int(json.load(handle)["epoch"]), os.path.join(root, name)))
+    root = storage.join(run_dir, "ray_train")
+    fs, root_path = storage.filesystem(root)
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(root_path, allow_not_found=True)):
+        metrics_path = storage.join(root, info.base_name, "metrics.json")
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_") and storage.exists(metrics_path):
+            found.append((int(json.loads(storage.read_bytes(metrics_path))["epoch"]), storage.join(root, info.base_name)))
     return sorted(found)
+
+
+def _load_checkpoint_state(checkpoint_dir: str) -> dict:
+    import torch
+
+    return torch.load(io.BytesIO(storage.read_bytes(storage.join(checkpoint_dir, "state.pt"))), weights_only=False)
 
 
 def write_run_outputs(run_dir: str, manifest_path: str | None = None, config: TrainConfig | None = None) -> dict:
     """From the checkpoints: metrics.csv, loss_curves.png, and model.pt of the best epoch (stage 1 alone; a refinement
     stage is added to it by `write_refinement_outputs`)."""
-    import torch
-
     from fetalpipe.model_io import save_model
 
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise RuntimeError(f"no checkpoint was written under {run_dir}")
-    latest = torch.load(os.path.join(checkpoints[-1][1], "state.pt"), weights_only=False)
-    history = pd.DataFrame(latest["history"])
-    history.to_csv(os.path.join(run_dir, "metrics.csv"), index=False)
-    plot_loss_curves(history, os.path.join(run_dir, "loss_curves.png"))
+    history = pd.DataFrame(_load_checkpoint_state(checkpoints[-1][1])["history"])
+    storage.write_text(storage.join(run_dir, "metrics.csv"), history.to_csv(index=False))
+    plot_loss_curves(history, storage.join(run_dir, "loss_curves.png"))
     criterion = "val_hc_mae_mm" if history["val_hc_mae_mm"].notna().any() else "val_mre_px"
     best_epoch = int(history.loc[history[criterion].idxmin(), "epoch"])
     best_dir = dict(checkpoints)[best_epoch]
-    best = torch.load(os.path.join(best_dir, "state.pt"), weights_only=False)
+    best = _load_checkpoint_state(best_dir)
     config = TrainConfig.from_dict(best["train_config"]).without_refinement()
     best_metrics = history[history["epoch"] == best_epoch].iloc[0].to_dict()
     save_model(
-        os.path.join(run_dir, "model.pt"), best["state_dict"], config,
+        storage.join(run_dir, "model.pt"), best["state_dict"], config,
         metrics={"selected_by": criterion, **{k: float(v) for k, v in best_metrics.items()}},
         training={"manifest": manifest_path, "epochs_run": int(history["epoch"].max()), "total_train_seconds": float(history["epoch_seconds"].sum())},
     )
@@ -755,9 +762,7 @@ def _best_refinement_checkpoint(stage_dir: str) -> tuple[pd.DataFrame, int, str]
     checkpoints = list_checkpoints(stage_dir)
     if not checkpoints:
         raise RuntimeError(f"no checkpoint was written under {stage_dir}")
-    import torch
-
-    history = pd.DataFrame(torch.load(os.path.join(checkpoints[-1][1], "state.pt"), weights_only=False)["history"])
+    history = pd.DataFrame(_load_checkpoint_state(checkpoints[-1][1])["history"])
     best_epoch = int(history.loc[history["val_hc_mae_mm"].idxmin(), "epoch"])
     return history, best_epoch, dict(checkpoints)[best_epoch]
 
@@ -765,21 +770,19 @@ def _best_refinement_checkpoint(stage_dir: str) -> tuple[pd.DataFrame, int, str]
 def write_refinement_metrics(stage_dir: str) -> dict:
     """RUN_DIR/refinement/metrics.csv from its checkpoints; the best epoch's metrics (by validation HC MAE)."""
     history, best_epoch, _ = _best_refinement_checkpoint(stage_dir)
-    history.to_csv(os.path.join(stage_dir, "metrics.csv"), index=False)
+    storage.write_text(storage.join(stage_dir, "metrics.csv"), history.to_csv(index=False))
     return {"best_epoch": best_epoch, **history[history["epoch"] == best_epoch].iloc[0].to_dict()}
 
 
 def write_refinement_outputs(run_dir: str) -> None:
     """RUN_DIR/model.pt with both stages: stage 1 as written by `write_run_outputs` (or taken from --stage1-model)
     plus the refinement stage's best epoch."""
-    import torch
-
     from fetalpipe.model_io import load_model, save_model
 
-    stage_dir = os.path.join(run_dir, "refinement")
+    stage_dir = storage.join(run_dir, "refinement")
     history, best_epoch, best_dir = _best_refinement_checkpoint(stage_dir)
-    best = torch.load(os.path.join(best_dir, "state.pt"), weights_only=False)
-    model_path = os.path.join(run_dir, "model.pt")
+    best = _load_checkpoint_state(best_dir)
+    model_path = storage.join(run_dir, "model.pt")
     _, stage1_config, payload = load_model(model_path)
     config = dataclasses.replace(stage1_config, refinement=RefinementConfig.from_dict(best["train_config"]))
     training = {**payload.get("training", {}), "refinement_epochs_run": int(history["epoch"].max()),
@@ -803,5 +806,7 @@ def plot_loss_curves(history: pd.DataFrame, path: str) -> None:
     axes[1].set_xlabel("epoch"), axes[1].set_ylabel("validation HC MAE (mm)")
     figure.suptitle("Training and validation loss")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
+    storage.write_bytes(path, buffer.getvalue())

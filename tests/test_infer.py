@@ -109,7 +109,9 @@ def test_contract_errors_resume_and_idempotency(ray_local, tiny_model_path, arch
     assert record["counts"] == {"rows": 10, "ok": 5, "error": 5, "needs_review": int(csv["needs_review"].astype(bool).sum()), "processed_this_run": 7}
     assert record["model_sha256"] == ok["model_sha256"].iloc[0]
 
-    # Rerun: nothing to do, identical rows.
+    # Rerun: nothing to do, identical rows, also for a file whose time changed but not its content (a copy, a touch).
+    touched = archive.parent / pd.read_csv(archive)["image_path"][1]
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
     again = run_inference(options)
     assert again["processed_this_run"] == 0
     pd.testing.assert_frame_equal(pd.read_csv(output / "predictions.csv").fillna({"error": "", "review_reason": ""}), csv)
@@ -190,6 +192,16 @@ def test_console_script_exits_quickly_with_everything_written(tiny_model_path, t
     assert json.loads((output / "run.json").read_text())["counts"]["rows"] == 20
     failed = subprocess.run([*base, "--manifest", str(tmp_path / "missing.csv")], env=env, capture_output=True, text=True, timeout=120)
     assert failed.returncode == 2 and "missing.csv" in failed.stderr
+
+
+def test_dry_run_plans_from_the_output_and_writes_nothing(tiny_model_path, archive, tmp_path, capsys):
+    """No Ray, no file: the plan counts what is done (here: nothing), what is to do, and the files it already sees missing."""
+    output = tmp_path / "planned"
+    plan = run_inference(InferOptions(output_dir=str(output), manifest=str(archive), model_path=tiny_model_path, dry_run=True))
+    assert plan == {**plan, "rows": 10, "to_process": 10, "done": 0, "unreadable": 2}  # missing.png and a directory
+    assert not output.exists()
+    printed = capsys.readouterr().out
+    assert "10 of 10 rows (0 already done)" in printed and "missing.png" in printed and "nothing started, nothing written" in printed
 
 
 def test_write_batch_names_files_by_batch_and_leaves_no_partial_file(tmp_path):

@@ -6,6 +6,7 @@ endpoint instead, so that an operator can check their own MinIO or cloud bucket.
 start them, pointed at the store by the standard AWS environment variables."""
 
 import io
+import json
 import logging
 import os
 import signal
@@ -99,6 +100,12 @@ def test_infer_from_s3_into_s3_then_an_idempotent_rerun(s3_archive):
     assert again.returncode == 0 and "9 already done, 0 to process" in again.stdout, again.stdout + again.stderr
     pd.testing.assert_frame_equal(read_csv(f"{prefix}/out/predictions.csv"), csv)
 
+    evaluated = fetalpipe(environment, "evaluate", "--predictions", f"{prefix}/out", "--manifest", f"{prefix}/archive/manifest.csv",
+                          "--output", f"{prefix}/evaluation")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(storage.read_bytes(f"{prefix}/evaluation/metrics.json"))["images"] == 8
+    assert len(read_csv(f"{prefix}/evaluation/per_image_errors.csv")) == 8 and storage.exists(f"{prefix}/evaluation/bland_altman_hc.png")
+
 
 def test_killed_driver_on_s3_then_rerun_gives_every_row_once(s3_archive):
     prefix, environment = s3_archive
@@ -139,3 +146,27 @@ def test_a_missing_manifest_and_an_output_without_access_stop_with_exit_2(s3_arc
     refused = fetalpipe(environment, "infer", "--manifest", f"{prefix}/archive/manifest.csv", "--model", f"{prefix}/models/model.pt",
                         "--output", no_bucket)
     assert refused.returncode == 2 and "cannot write to the output location" in refused.stderr.strip().splitlines()[-1], refused.stderr
+
+
+def test_training_from_s3_with_its_run_dir_on_s3_then_resumed(s3_archive, tmp_path):
+    """Manifest and images on S3, checkpoints and the model under an s3:// run dir (Ray Train's storage_path); a second
+    command with more epochs resumes from the stored checkpoint and ends with the calibration, also on S3."""
+    prefix, environment = s3_archive
+    manifest = read_csv(f"{prefix}/archive/manifest.csv")
+    manifest = manifest[manifest["image_path"] != "missing.png"].assign(subject_id=[f"subject-{index}" for index in range(8)])
+    storage.write_text(f"{prefix}/archive/train.csv", manifest.to_csv(index=False))
+    config = tmp_path / "tiny.yaml"
+    config.write_text("base: ellipse\nmodel: {base_width: 4, depth: 2}\nepochs: 1\nval_fraction: 0.3\n")
+    run_dir = f"{prefix}/runs/tiny"
+    command = ["train", "--manifest", f"{prefix}/archive/train.csv", "--output", run_dir, "--config", str(config), "--workers", "1"]
+    first = fetalpipe(environment, *command, "--no-calibrate")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "stage 1: epoch 1/1" in first.stdout
+    assert storage.exists(f"{run_dir}/model.pt") and storage.exists(f"{run_dir}/metrics.csv")
+    assert len(storage.list_files(f"{run_dir}/ray_train/checkpoint_000000")) >= 2  # state.pt and metrics.json, under the run dir
+
+    resumed = fetalpipe(environment, *command, "--epochs", "2")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "stage 1: epoch 2/2" in resumed.stdout and "epoch 1/2" not in resumed.stdout
+    assert list(read_csv(f"{run_dir}/metrics.csv")["epoch"]) == [1, 2]
+    assert storage.exists(f"{run_dir}/model_calibrated.pt") or "not calibrated (" in resumed.stdout
