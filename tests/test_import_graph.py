@@ -1,0 +1,67 @@
+"""The layers hold: no module of fetalpipe/ imports, at the top or inside a function, a module that imports it back."""
+
+import ast
+import os
+
+PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fetalpipe")
+
+
+def module_name(path: str) -> str:
+    relative = os.path.relpath(path, os.path.dirname(PACKAGE_DIR))[: -len(".py")].replace(os.sep, ".")
+    return relative[: -len(".__init__")] if relative.endswith(".__init__") else relative
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the fetalpipe modules it imports anywhere in its source (top level or lazily, in a function)."""
+    modules = {}
+    for root, _, names in os.walk(PACKAGE_DIR):
+        for name in names:
+            if name.endswith(".py"):
+                modules[module_name(os.path.join(root, name))] = os.path.join(root, name)
+    graph = {}
+    for module, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module)
+                imported.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from fetalpipe import storage`
+        graph[module] = {name for name in imported if name in modules and name != module and name != "fetalpipe"}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as [a, b, ..., a], or None (depth-first search with colours)."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for child in sorted(graph[node]):
+            if state.get(child) == "open":
+                return stack[stack.index(child):] + [child]
+            if child not in state:
+                found = visit(child)
+                if found:
+                    return found
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_the_package_import_graph_has_no_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
