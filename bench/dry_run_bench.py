@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fetalpipe.infer import OUTPUT_COLUMNS, ROWS_PER_COMPACTED_FILE  # noqa: E402
+from fetalpipe.predictions import OUTPUT_COLUMNS, ROWS_PER_COMPACTED_FILE  # noqa: E402
 from fetalpipe.model_io import DEFAULT_MODEL_PATH, file_sha256  # noqa: E402
 
 

@@ -36,7 +36,8 @@ from fetalpipe.augment import AugmentConfig  # noqa: E402
 from fetalpipe.evaluate import per_image_errors, summarize as summarize_errors  # noqa: E402
 from fetalpipe.imaging import ResizeTransform  # noqa: E402
 from fetalpipe.preprocess import encode_batch  # noqa: E402
-from fetalpipe.train import TrainConfig, _lr_factor, heatmap_loss, resolve_config, split_by_subject  # noqa: E402
+from fetalpipe.config import TrainConfig, resolve_config  # noqa: E402
+from fetalpipe.train import _lr_factor, heatmap_loss, split_by_subject  # noqa: E402
 from recalibrated_bn_eval import recompute_batchnorm  # noqa: E402  (bench/, the script's own folder)
 
 RAY_TRAIN_WORKERS = 2  # `fetalpipe train`'s default: the global batch is batch_size × this

@@ -30,7 +30,8 @@ from fetalpipe.evaluate import per_image_errors  # noqa: E402
 from fetalpipe.imaging import ResizeTransform, read_image, resize_to_model  # noqa: E402
 from fetalpipe.manifest import load_manifest  # noqa: E402
 from fetalpipe.model import HeatmapUNet  # noqa: E402
-from fetalpipe.train import TrainConfig, split_by_subject  # noqa: E402
+from fetalpipe.config import TrainConfig  # noqa: E402
+from fetalpipe.train import split_by_subject  # noqa: E402
 
 
 def load_images(paths, input_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fetalpipe.biometry import biometry_mm  # noqa: E402
-from fetalpipe.calibration import calibrate_model  # noqa: E402
+from fetalpipe.calibrate import calibrate_model  # noqa: E402
 from fetalpipe.evaluate import evaluate_predictions  # noqa: E402
 from fetalpipe.infer import InferOptions, run_inference  # noqa: E402
 from fetalpipe.manifest import landmarks_original_px, load_manifest  # noqa: E402

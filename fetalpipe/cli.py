@@ -30,7 +30,8 @@ def _cmd_import_hc18(args) -> int:
 
 def _cmd_train(args) -> int:
     from fetalpipe import storage
-    from fetalpipe.train import resolve_config, run_training
+    from fetalpipe.config import resolve_config
+    from fetalpipe.train import run_training
 
     config = resolve_config(args.config, {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr})
     from fetalpipe import console
@@ -60,7 +61,7 @@ def _calibrate_after_training(trained: str, args) -> str | None:
     run `infer` with. A manifest it cannot calibrate on (no training-split image, no pixel spacing, too few heads found)
     leaves the trained model as it is, and says why."""
     from fetalpipe import storage
-    from fetalpipe.calibration import calibrate_model
+    from fetalpipe.calibrate import calibrate_model
 
     calibrated = storage.join(storage.absolute(args.output), "model_calibrated.pt")
     try:
@@ -94,7 +95,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from fetalpipe.calibration import calibrate_model
+    from fetalpipe.calibrate import calibrate_model
 
     from fetalpipe import console
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import numpy as np
 import pandas as pd
@@ -99,7 +98,7 @@ def bland_altman_plot(errors: pd.DataFrame, predicted_column: str, path: str) ->
 
 def evaluate_predictions(predictions_dir: str, manifest_path: str, output_dir: str) -> dict[str, float]:
     """`fetalpipe evaluate`: join predictions to the reference manifest by image path, write the report."""
-    from fetalpipe.infer import REVIEW_SIGNAL_COLUMNS, read_predictions
+    from fetalpipe.predictions import REVIEW_SIGNAL_COLUMNS, read_predictions
     from fetalpipe.manifest import landmarks_original_px, load_manifest
 
     reference = load_manifest(manifest_path, require_landmarks=True)

@@ -136,7 +136,7 @@ def load_model(path: str | None = None):
     import torch
 
     from fetalpipe.model import HeatmapUNet
-    from fetalpipe.train import TrainConfig
+    from fetalpipe.config import TrainConfig
 
     path = _existing_intact_file(path)
     try:

@@ -28,7 +28,7 @@ def tiny_model_path(tmp_path_factory):
 
     from fetalpipe.model import HeatmapUNet, ModelConfig
     from fetalpipe.model_io import save_model
-    from fetalpipe.train import resolve_config
+    from fetalpipe.config import resolve_config
 
     config = resolve_config("fast")
     torch.manual_seed(0)

@@ -58,9 +58,10 @@ def test_without_spacing_or_out_of_range_the_correction_is_none_or_bounded():
 def test_calibrate_fits_on_the_training_split_and_infer_applies_it(ray_local, tmp_path):
     """`fetalpipe calibrate` with the shipped weights on the embedded sample: the line is fitted on the training split only,
     stored in the model file, and `infer` scales each ellipse by it (the scale is in the output; 1 without spacing)."""
-    from fetalpipe.calibration import calibrate_model
+    from fetalpipe.calibrate import calibrate_model
     from fetalpipe.cli import main
-    from fetalpipe.infer import InferOptions, read_predictions, run_inference
+    from fetalpipe.infer import InferOptions, run_inference
+    from fetalpipe.predictions import read_predictions
     from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model, read_model_header, refinement_entries, save_model
     from fetalpipe.train import split_by_subject
 

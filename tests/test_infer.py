@@ -16,7 +16,8 @@ from conftest import SAMPLE_DIR, SAMPLE_MANIFEST, write_png
 from fetalpipe import LANDMARK_COLUMNS
 from fetalpipe.cli import main
 from fetalpipe.clinical import ga_from_hc_weeks, hc_z_intergrowth21
-from fetalpipe.infer import InferOptions, read_predictions, run_inference
+from fetalpipe.infer import InferOptions, run_inference
+from fetalpipe.predictions import read_predictions
 from test_imaging import GRAY, make_dicom
 
 CONTRACT_COLUMNS = [
@@ -206,7 +207,7 @@ def test_dry_run_plans_from_the_output_and_writes_nothing(tiny_model_path, archi
 
 def test_write_batch_names_files_by_batch_and_leaves_no_partial_file(tmp_path):
     """A retried batch (its actor restarted) must replace its own file, not add a second copy."""
-    from fetalpipe.infer import write_batch
+    from fetalpipe.predictions import write_batch
 
     rows = {
         "image_path": np.array(["a.png", "b.png"], dtype=object), "status": np.array(["ok", "error"], dtype=object),
@@ -230,25 +231,25 @@ def test_write_batch_names_files_by_batch_and_leaves_no_partial_file(tmp_path):
 
 def test_many_batch_files_are_compacted_into_parts_and_nothing_changes(tmp_path, monkeypatch):
     """One file per batch would leave ~16,000 files for a million images: past the limit, the run's end rewrites them."""
-    import fetalpipe.infer as infer
+    import fetalpipe.predictions as predictions
 
     predictions_dir = tmp_path / "predictions"
     predictions_dir.mkdir()
     rows = pd.DataFrame({"image_path": [f"/scans/{index:03d}.png" for index in range(70)], "status": "ok", "hc_mm": np.arange(70, dtype=float)})
     for index in range(0, 70, 5):  # 14 files of 5 rows
         rows.iloc[index:index + 5].to_parquet(predictions_dir / f"run-{index:09d}.parquet", index=False)
-    monkeypatch.setattr(infer, "ROWS_PER_COMPACTED_FILE", 30)
+    monkeypatch.setattr(predictions, "ROWS_PER_COMPACTED_FILE", 30)
 
-    monkeypatch.setattr(infer, "MAX_FILES_BEFORE_COMPACTION", 20)
-    infer._compact_if_needed(str(predictions_dir), rows)  # 14 files, within the limit: untouched
+    monkeypatch.setattr(predictions, "MAX_FILES_BEFORE_COMPACTION", 20)
+    predictions.compact_if_needed(str(predictions_dir), rows)  # 14 files, within the limit: untouched
     assert len(list(predictions_dir.glob("*.parquet"))) == 14
 
-    monkeypatch.setattr(infer, "MAX_FILES_BEFORE_COMPACTION", 10)
-    infer._compact_if_needed(str(predictions_dir), rows)
+    monkeypatch.setattr(predictions, "MAX_FILES_BEFORE_COMPACTION", 10)
+    predictions.compact_if_needed(str(predictions_dir), rows)
     parts = sorted(predictions_dir.glob("*.parquet"))
     assert [len(pd.read_parquet(part)) for part in parts] == [30, 30, 10]
     pd.testing.assert_frame_equal(pd.read_parquet(predictions_dir).sort_values("image_path").reset_index(drop=True), rows)
     assert not (tmp_path / "predictions.old").exists() and not (tmp_path / "predictions.compact").exists()
 
-    infer._compact_if_needed(str(predictions_dir), rows)  # already compact: left as it is
+    predictions.compact_if_needed(str(predictions_dir), rows)  # already compact: left as it is
     assert sorted(predictions_dir.glob("*.parquet")) == parts

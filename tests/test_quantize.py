@@ -7,7 +7,8 @@ import torch
 
 from conftest import SAMPLE_MANIFEST
 from fetalpipe.imaging import read_image, resize_to_model
-from fetalpipe.infer import InferOptions, load_inference_model, read_predictions, resolve_precision, run_inference
+from fetalpipe.infer import InferOptions, load_inference_model, resolve_precision, run_inference
+from fetalpipe.predictions import read_predictions
 from fetalpipe.model import to_model_input
 from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model, read_model_header, refinement_entries, save_model
 from fetalpipe.quantize import _prepared, observe_quantization, to_int8

@@ -16,7 +16,8 @@ import pytest
 
 from conftest import SAMPLE_DIR, SAMPLE_MANIFEST
 from fetalpipe import LANDMARK_COLUMNS
-from fetalpipe.infer import InferOptions, read_predictions, run_inference
+from fetalpipe.infer import InferOptions, run_inference
+from fetalpipe.predictions import read_predictions
 from fetalpipe.model_io import DEFAULT_MODEL_PATH
 from test_imaging import make_dicom
 

@@ -10,7 +10,8 @@ import yaml
 from conftest import SAMPLE_MANIFEST
 from fetalpipe.infer import InferOptions, run_inference
 from fetalpipe.model_io import load_model
-from fetalpipe.train import list_checkpoints, resolve_config, run_training, split_by_subject
+from fetalpipe.config import resolve_config
+from fetalpipe.train import list_checkpoints, run_training, split_by_subject
 
 
 @pytest.fixture
