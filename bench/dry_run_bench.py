@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fetalpipe.predictions import OUTPUT_COLUMNS, ROWS_PER_COMPACTED_FILE  # noqa: E402
-from fetalpipe.model_io import DEFAULT_MODEL_PATH, file_sha256  # noqa: E402
+from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, file_sha256  # noqa: E402
+from fetalpipe.pipeline.predictions import OUTPUT_COLUMNS, ROWS_PER_COMPACTED_FILE  # noqa: E402
 
 
 def build(folder: str, rows: int, done: int) -> tuple[str, str]:

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fetalpipe.imaging import read_image  # noqa: E402
-from fetalpipe.manifest import landmarks_original_px, load_manifest  # noqa: E402
+from fetalpipe.data.imaging import read_image  # noqa: E402
+from fetalpipe.data.manifest import landmarks_original_px, load_manifest  # noqa: E402
 
 OUTLINE_SAMPLES = 720
 SECTOR_BLACK_LEVEL = 3  # gray level (of 255, after a 15 px box blur) below which a pixel is outside the ultrasound sector

@@ -32,12 +32,13 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fetalpipe import LANDMARK_COLUMNS  # noqa: E402
-from fetalpipe.augment import AugmentConfig  # noqa: E402
-from fetalpipe.evaluate import per_image_errors, summarize as summarize_errors  # noqa: E402
-from fetalpipe.imaging import ResizeTransform  # noqa: E402
-from fetalpipe.preprocess import encode_batch  # noqa: E402
-from fetalpipe.config import TrainConfig, resolve_config  # noqa: E402
-from fetalpipe.train import _lr_factor, heatmap_loss, split_by_subject  # noqa: E402
+from fetalpipe.data.augment import AugmentConfig  # noqa: E402
+from fetalpipe.data.imaging import ResizeTransform  # noqa: E402
+from fetalpipe.model.config import TrainConfig, resolve_config  # noqa: E402
+from fetalpipe.pipeline.evaluate import per_image_errors
+from fetalpipe.pipeline.evaluate import summarize as summarize_errors  # noqa: E402
+from fetalpipe.pipeline.preprocess import encode_batch  # noqa: E402
+from fetalpipe.pipeline.train import _lr_factor, heatmap_loss, split_by_subject  # noqa: E402
 from recalibrated_bn_eval import recompute_batchnorm  # noqa: E402  (bench/, the script's own folder)
 
 RAY_TRAIN_WORKERS = 2  # `fetalpipe train`'s default: the global batch is batch_size × this
@@ -69,8 +70,8 @@ RECIPES = [
 
 def build_cache(manifest_path: str, output_path: str, input_size: int = 256) -> None:
     """Decode + resize every labelled image once (the library's resize), store uint8 with landmarks and the split."""
-    from fetalpipe.imaging import read_image, resize_to_model
-    from fetalpipe.manifest import load_manifest
+    from fetalpipe.data.imaging import read_image, resize_to_model
+    from fetalpipe.data.manifest import load_manifest
 
     table = load_manifest(manifest_path, require_landmarks=True)
     train_table, val_table = split_by_subject(table, 0.15)
@@ -141,7 +142,7 @@ def validate(model, images, original_sizes, points_original, spacing, hc_mm, cod
 def train_one(cache, recipe, seed: int, device: str, loader_workers: int, epochs_override: int | None, train_limit: int | None) -> dict:
     import torch
 
-    from fetalpipe.model import HeatmapUNet
+    from fetalpipe.model.networks import HeatmapUNet
 
     name, base, overrides, model_overrides, augment_overrides, options, _ = recipe
     values = resolve_config(base).to_dict()

@@ -27,10 +27,10 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fetalpipe.heatmaps import HeatmapCodec  # noqa: E402
-from fetalpipe.infer import LandmarkPredictor, resolve_precision  # noqa: E402
-from fetalpipe.model import MODEL_CONFIGS, HeatmapUNet  # noqa: E402
-from fetalpipe.model_io import DEFAULT_MODEL_PATH, read_model_header  # noqa: E402
+from fetalpipe.model.heatmaps import HeatmapCodec  # noqa: E402
+from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, read_model_header  # noqa: E402
+from fetalpipe.model.networks import MODEL_CONFIGS, HeatmapUNet  # noqa: E402
+from fetalpipe.pipeline.infer import LandmarkPredictor, resolve_precision  # noqa: E402
 
 
 def build_archive(hc18_dir: str, copies: int, folder: str) -> str:

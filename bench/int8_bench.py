@@ -27,11 +27,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fetalpipe import LANDMARK_COLUMNS  # noqa: E402
-from fetalpipe.imaging import read_image, resize_to_model  # noqa: E402
-from fetalpipe.infer import FORWARD_BATCH, load_inference_model  # noqa: E402
-from fetalpipe.model import to_model_input  # noqa: E402
-from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model  # noqa: E402
-from fetalpipe.quantize import to_int8  # noqa: E402
+from fetalpipe.data.imaging import read_image, resize_to_model  # noqa: E402
+from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, load_model  # noqa: E402
+from fetalpipe.model.networks import to_model_input  # noqa: E402
+from fetalpipe.model.quantize import to_int8  # noqa: E402
+from fetalpipe.pipeline.infer import FORWARD_BATCH, load_inference_model  # noqa: E402
 
 SAMPLE_MANIFEST = os.path.join(os.path.dirname(DEFAULT_MODEL_PATH), "sample", "manifest.csv")
 

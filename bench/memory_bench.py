@@ -23,9 +23,8 @@ import time
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fetalpipe.model_io import DEFAULT_MODEL_PATH  # noqa: E402
-
 import infer_bench  # noqa: E402  (this folder; shares the archive builder)
+from fetalpipe.model.model_file import DEFAULT_MODEL_PATH  # noqa: E402
 
 
 def build_archive(hc18_dir: str, size: int, folder: str) -> str:

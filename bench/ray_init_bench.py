@@ -29,7 +29,7 @@ import json, sys, threading, time
 options = json.loads(sys.argv[1])
 started = time.perf_counter()
 if options.pop("load_model_in_thread", False):
-    from fetalpipe.model_io import load_model
+    from fetalpipe.model.model_file import load_model
     threading.Thread(target=load_model).start()
 import ray
 imported = time.perf_counter()

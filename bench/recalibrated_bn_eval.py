@@ -25,13 +25,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fetalpipe import LANDMARK_COLUMNS  # noqa: E402
-from fetalpipe.augment import AugmentConfig, random_affine, random_intensity  # noqa: E402
-from fetalpipe.evaluate import per_image_errors  # noqa: E402
-from fetalpipe.imaging import ResizeTransform, read_image, resize_to_model  # noqa: E402
-from fetalpipe.manifest import load_manifest  # noqa: E402
-from fetalpipe.model import HeatmapUNet  # noqa: E402
-from fetalpipe.config import TrainConfig  # noqa: E402
-from fetalpipe.train import split_by_subject  # noqa: E402
+from fetalpipe.data.augment import AugmentConfig, random_affine, random_intensity  # noqa: E402
+from fetalpipe.data.imaging import ResizeTransform, read_image, resize_to_model  # noqa: E402
+from fetalpipe.data.manifest import load_manifest  # noqa: E402
+from fetalpipe.model.config import TrainConfig  # noqa: E402
+from fetalpipe.model.networks import HeatmapUNet  # noqa: E402
+from fetalpipe.pipeline.evaluate import per_image_errors  # noqa: E402
+from fetalpipe.pipeline.train import split_by_subject  # noqa: E402
 
 
 def load_images(paths, input_size: int) -> tuple[np.ndarray, np.ndarray]:

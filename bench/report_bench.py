@@ -24,9 +24,9 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fetalpipe import LANDMARK_COLUMNS  # noqa: E402
-from fetalpipe.biometry import biometry_mm  # noqa: E402
-from fetalpipe.clinical import clinical_columns  # noqa: E402
-from fetalpipe.report import write_report  # noqa: E402
+from fetalpipe.measure.biometry import biometry_mm  # noqa: E402
+from fetalpipe.measure.clinical import clinical_columns  # noqa: E402
+from fetalpipe.pipeline.report import write_report  # noqa: E402
 
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fetalpipe", "assets", "sample")
 

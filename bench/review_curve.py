@@ -24,9 +24,9 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fetalpipe.calibration import SizeCalibration  # noqa: E402
-from fetalpipe.model_io import file_sha256, read_model_header  # noqa: E402
-from fetalpipe.review import LARGE_ERROR_MM, SIGNALS, ReviewRule, catch_curve  # noqa: E402
+from fetalpipe.measure.calibration import SizeCalibration  # noqa: E402
+from fetalpipe.measure.review import LARGE_ERROR_MM, SIGNALS, ReviewRule, catch_curve  # noqa: E402
+from fetalpipe.model.model_file import file_sha256, read_model_header  # noqa: E402
 
 BUDGETS = (0.04, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20)
 

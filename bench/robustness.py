@@ -26,8 +26,8 @@ import pandas as pd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fetalpipe import LANDMARK_COLUMNS, __version__  # noqa: E402
-from fetalpipe.imaging import read_image  # noqa: E402
-from fetalpipe.manifest import load_manifest  # noqa: E402
+from fetalpipe.data.imaging import read_image  # noqa: E402
+from fetalpipe.data.manifest import load_manifest  # noqa: E402
 
 VARIANTS = ("clean", "screenshot", "rotate90", "rotate180", "rotate37", "speckle", "bright", "dark", "jpeg30", "half_resolution", "double_resolution")
 
@@ -111,9 +111,9 @@ def main() -> None:
     parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "robustness.json"))
     args = parser.parse_args()
 
-    from fetalpipe.evaluate import evaluate_predictions
-    from fetalpipe.infer import InferOptions, run_inference
-    from fetalpipe.model_io import DEFAULT_MODEL_PATH, file_sha256
+    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, file_sha256
+    from fetalpipe.pipeline.evaluate import evaluate_predictions
+    from fetalpipe.pipeline.infer import InferOptions, run_inference
 
     table = load_manifest(args.manifest, require_landmarks=True)
     model_path = os.path.abspath(args.model or DEFAULT_MODEL_PATH)

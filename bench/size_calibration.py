@@ -21,13 +21,13 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fetalpipe.biometry import biometry_mm  # noqa: E402
-from fetalpipe.calibrate import calibrate_model  # noqa: E402
-from fetalpipe.evaluate import evaluate_predictions  # noqa: E402
-from fetalpipe.infer import InferOptions, run_inference  # noqa: E402
-from fetalpipe.manifest import landmarks_original_px, load_manifest  # noqa: E402
-from fetalpipe.model_io import read_model_header  # noqa: E402
-from fetalpipe.train import split_by_subject  # noqa: E402
+from fetalpipe.data.manifest import landmarks_original_px, load_manifest  # noqa: E402
+from fetalpipe.measure.biometry import biometry_mm  # noqa: E402
+from fetalpipe.model.model_file import read_model_header  # noqa: E402
+from fetalpipe.pipeline.calibrate import calibrate_model  # noqa: E402
+from fetalpipe.pipeline.evaluate import evaluate_predictions  # noqa: E402
+from fetalpipe.pipeline.infer import InferOptions, run_inference  # noqa: E402
+from fetalpipe.pipeline.train import split_by_subject  # noqa: E402
 
 METRICS = ("hc_ellipse_mae_mm", "hc_ellipse_mean_diff_mm", "bpd_mae_mm", "ofd_mae_mm", "mre_mm", "sdr_2mm")
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fetalpipe.model import MODEL_CONFIGS, HeatmapUNet  # noqa: E402
+from fetalpipe.model.networks import MODEL_CONFIGS, HeatmapUNet  # noqa: E402
 
 
 def images_per_second(config_name: str, threads: int, bf16: bool, channels_last: bool, batch_size: int, steps: int) -> float:

@@ -12,7 +12,7 @@ import threading
 
 
 def _cmd_import_hc18(args) -> int:
-    from fetalpipe.hc18 import hc_reproduction_error_mm, import_hc18
+    from fetalpipe.data.hc18 import hc_reproduction_error_mm, import_hc18
 
     manifest = import_hc18(args.hc18_dir)
     output_dir = os.path.dirname(os.path.abspath(args.output))
@@ -29,12 +29,12 @@ def _cmd_import_hc18(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from fetalpipe import storage
-    from fetalpipe.config import resolve_config
-    from fetalpipe.train import run_training
+    from fetalpipe.model.config import resolve_config
+    from fetalpipe.pipeline.train import run_training
+    from fetalpipe.runtime import storage
 
     config = resolve_config(args.config, {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr})
-    from fetalpipe import console
+    from fetalpipe.runtime import console
 
     result = run_training(
         args.manifest, args.output, config, workers=args.workers, threads_per_worker=args.threads_per_worker,
@@ -60,8 +60,8 @@ def _calibrate_after_training(trained: str, args) -> str | None:
     """`calibrate` on the new model (int8 parameters and the size line), into RUN_DIR/model_calibrated.pt: the file to
     run `infer` with. A manifest it cannot calibrate on (no training-split image, no pixel spacing, too few heads found)
     leaves the trained model as it is, and says why."""
-    from fetalpipe import storage
-    from fetalpipe.calibrate import calibrate_model
+    from fetalpipe.pipeline.calibrate import calibrate_model
+    from fetalpipe.runtime import storage
 
     calibrated = storage.join(storage.absolute(args.output), "model_calibrated.pt")
     try:
@@ -74,7 +74,7 @@ def _calibrate_after_training(trained: str, args) -> str | None:
 
 
 def _cmd_infer(args) -> int:
-    from fetalpipe.infer import InferOptions, run_inference
+    from fetalpipe.pipeline.infer import InferOptions, run_inference
 
     options = InferOptions(
         output_dir=args.output, manifest=args.manifest, input_glob=args.input, model_path=args.model,
@@ -87,7 +87,7 @@ def _cmd_infer(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from fetalpipe.evaluate import evaluate_predictions
+    from fetalpipe.pipeline.evaluate import evaluate_predictions
 
     summary = evaluate_predictions(args.predictions, args.manifest, args.output)
     print(json.dumps(summary, indent=2))
@@ -95,9 +95,8 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from fetalpipe.calibrate import calibrate_model
-
-    from fetalpipe import console
+    from fetalpipe.pipeline.calibrate import calibrate_model
+    from fetalpipe.runtime import console
 
     log_folder = os.path.join(tempfile.gettempdir(), "fetalpipe-logs") if "://" in args.output else os.path.join(os.path.dirname(os.path.abspath(args.output)), "logs")
     with console.ray_logs_to_file(os.path.join(log_folder, "ray.log"), args.verbose):
@@ -109,21 +108,21 @@ def _cmd_calibrate(args) -> int:
 
 
 def _cmd_study(args) -> int:
-    from fetalpipe.study import run_study
+    from fetalpipe.pipeline.study import run_study
 
     run_study(args.spec, run_date=args.run_date, ray_address=args.address, verbose=args.verbose)
     return 0
 
 
 def _cmd_report(args) -> int:
-    from fetalpipe.report import write_report
+    from fetalpipe.pipeline.report import write_report
 
     print(f"report: {write_report(args.output_dir)}")
     return 0
 
 
 def _cmd_demo(args) -> int:
-    from fetalpipe.infer import run_demo
+    from fetalpipe.pipeline.infer import run_demo
 
     run_demo(args.output, ray_address=args.address, verbose=args.verbose)
     return 0
@@ -215,11 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
-    from fetalpipe import console
-    from fetalpipe.imaging import ImageDecodeError
-    from fetalpipe.infer import ActorStartError
-    from fetalpipe.manifest import ManifestError
-    from fetalpipe.model_io import ModelFileError
+    from fetalpipe.data.imaging import ImageDecodeError
+    from fetalpipe.data.manifest import ManifestError
+    from fetalpipe.model.model_file import ModelFileError
+    from fetalpipe.pipeline.infer import ActorStartError
+    from fetalpipe.runtime import console
 
     received = []
 

@@ -26,9 +26,9 @@ def tiny_model_path(tmp_path_factory):
     """A random-weight model in the shipped format (fast enough to run anywhere)."""
     import torch
 
-    from fetalpipe.model import HeatmapUNet, ModelConfig
-    from fetalpipe.model_io import save_model
-    from fetalpipe.config import resolve_config
+    from fetalpipe.model.config import resolve_config
+    from fetalpipe.model.model_file import save_model
+    from fetalpipe.model.networks import HeatmapUNet, ModelConfig
 
     config = resolve_config("fast")
     torch.manual_seed(0)

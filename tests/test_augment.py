@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from fetalpipe.augment import ARCHIVE_AUGMENT, AcquisitionAugmentConfig, AugmentConfig, degrade_acquisition, degrade_intensity, random_affine
+from fetalpipe.data.augment import ARCHIVE_AUGMENT, AcquisitionAugmentConfig, AugmentConfig, degrade_acquisition, degrade_intensity, random_affine
 
 
 def _blob_centre(image):

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from fetalpipe.biometry import biometry_mm, biometry_px, canonical_order, ramanujan_perimeter
+from fetalpipe.measure.biometry import biometry_mm, biometry_px, canonical_order, ramanujan_perimeter
 
 
 def test_circle_hc_is_two_pi_r_by_both_formulas():

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from conftest import SAMPLE_MANIFEST
-from fetalpipe.biometry import biometry_mm
-from fetalpipe.calibration import SCALE_LIMITS, SizeCalibration
+from fetalpipe.measure.biometry import biometry_mm
+from fetalpipe.measure.calibration import SCALE_LIMITS, SizeCalibration
 
 
 def ellipse_endpoints(centre, semi_major_px, semi_minor_px, angle_rad):
@@ -58,12 +58,12 @@ def test_without_spacing_or_out_of_range_the_correction_is_none_or_bounded():
 def test_calibrate_fits_on_the_training_split_and_infer_applies_it(ray_local, tmp_path):
     """`fetalpipe calibrate` with the shipped weights on the embedded sample: the line is fitted on the training split only,
     stored in the model file, and `infer` scales each ellipse by it (the scale is in the output; 1 without spacing)."""
-    from fetalpipe.calibrate import calibrate_model
     from fetalpipe.cli import main
-    from fetalpipe.infer import InferOptions, run_inference
-    from fetalpipe.predictions import read_predictions
-    from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model, read_model_header, refinement_entries, save_model
-    from fetalpipe.train import split_by_subject
+    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, load_model, read_model_header, refinement_entries, save_model
+    from fetalpipe.pipeline.calibrate import calibrate_model
+    from fetalpipe.pipeline.infer import InferOptions, run_inference
+    from fetalpipe.pipeline.predictions import read_predictions
+    from fetalpipe.pipeline.train import split_by_subject
 
     model, config, payload = load_model(DEFAULT_MODEL_PATH)
     uncalibrated = str(tmp_path / "uncalibrated.pt")
@@ -120,9 +120,9 @@ def test_calibrate_fits_on_the_training_split_and_infer_applies_it(ray_local, tm
 def test_train_command_calibrates_its_model_or_says_why_not(ray_local, monkeypatch, tmp_path, capsys):
     """`fetalpipe train` ends with `calibrate` into RUN_DIR/model_calibrated.pt. Training itself is replaced by copying the
     shipped weights (without int8 parameters or line) into RUN_DIR: the calibration step is what is under test."""
-    import fetalpipe.train
+    import fetalpipe.pipeline.train
     from fetalpipe.cli import main
-    from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model, read_model_header, refinement_entries, save_model
+    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, load_model, read_model_header, refinement_entries, save_model
 
     model, config, payload = load_model(DEFAULT_MODEL_PATH)
 
@@ -131,7 +131,7 @@ def test_train_command_calibrates_its_model_or_says_why_not(ray_local, monkeypat
         save_model(os.path.join(run_dir, "model.pt"), payload["state_dict"], config, **refinement_entries(payload))
         return {"best_epoch": 1}
 
-    monkeypatch.setattr(fetalpipe.train, "run_training", fake_training)
+    monkeypatch.setattr(fetalpipe.pipeline.train, "run_training", fake_training)
     manifest = pd.read_csv(SAMPLE_MANIFEST)
     manifest["image_path"] = [os.path.join(os.path.dirname(SAMPLE_MANIFEST), p) for p in manifest["image_path"]]
     manifest["subject_id"] = [f"subject-{index}" for index in range(len(manifest))]  # most in the training split, as above

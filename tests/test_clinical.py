@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fetalpipe.clinical import (CENTILE_Z, centile_from_z, clinical_columns, ga_from_hc_weeks, hc_for_centile_mm, hc_z_intergrowth21,
-                                intergrowth21_hc_mean_sd_mm)
-from fetalpipe.manifest import ManifestError, validate_manifest
+from fetalpipe.data.manifest import ManifestError, validate_manifest
+from fetalpipe.measure.clinical import (CENTILE_Z, centile_from_z, clinical_columns, ga_from_hc_weeks, hc_for_centile_mm, hc_z_intergrowth21,
+                                        intergrowth21_hc_mean_sd_mm)
 
 
 def test_intergrowth21_mean_and_sd_match_hand_computed_values():

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pandas as pd
 
-from fetalpipe.infer import run_demo
-from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model
+from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, load_model
+from fetalpipe.pipeline.infer import run_demo
 
 
 def test_shipped_model_is_small_and_loadable():

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import SAMPLE_MANIFEST
 from fetalpipe import LANDMARK_COLUMNS
-from fetalpipe.evaluate import evaluate_predictions, matched_radial_errors_px, per_image_errors, summarize
-from fetalpipe.manifest import landmarks_original_px, load_manifest
+from fetalpipe.data.manifest import landmarks_original_px, load_manifest
+from fetalpipe.pipeline.evaluate import evaluate_predictions, matched_radial_errors_px, per_image_errors, summarize
 
 
 def test_swapped_endpoint_names_are_not_errors():

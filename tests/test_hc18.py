@@ -8,8 +8,8 @@ import pytest
 
 from conftest import SAMPLE_DIR
 from fetalpipe.cli import main
-from fetalpipe.hc18 import ANNOTATION_EDGE_OFFSET_PX, fit_annotation_ellipse, hc_reproduction_error_mm, import_hc18
-from fetalpipe.manifest import load_manifest
+from fetalpipe.data.hc18 import ANNOTATION_EDGE_OFFSET_PX, fit_annotation_ellipse, hc_reproduction_error_mm, import_hc18
+from fetalpipe.data.manifest import load_manifest
 
 
 def test_fit_recovers_a_drawn_ellipse():

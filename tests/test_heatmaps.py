@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from fetalpipe.biometry import biometry_px, canonical_order
-from fetalpipe.evaluate import matched_radial_errors_px
-from fetalpipe.heatmaps import HeatmapCodec
+from fetalpipe.measure.biometry import biometry_px, canonical_order
+from fetalpipe.model.heatmaps import HeatmapCodec
+from fetalpipe.pipeline.evaluate import matched_radial_errors_px
 
 
 def realistic_points(count, seed=0):
@@ -55,7 +55,7 @@ def test_unknown_layout_rejected():
 @pytest.mark.parametrize("edge_scale_px", [0.0, 4.0])
 def test_ellipse_map_keeps_hc_unbiased_through_an_anisotropic_resize(edge_scale_px):
     """Axes fitted in original-pixel geometry: HC survives 800x540 -> 256² -> 128² map -> back, hard or soft edge."""
-    from fetalpipe.imaging import ResizeTransform
+    from fetalpipe.data.imaging import ResizeTransform
 
     rng = np.random.default_rng(3)
     transform = ResizeTransform(800, 540, 256)

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from fetalpipe.imaging import ImageDecodeError, ResizeTransform, decode_image, read_image, resize_to_model
+from fetalpipe.data.imaging import ImageDecodeError, ResizeTransform, decode_image, read_image, resize_to_model
 
 
 def encoded(image, extension, params=()):
@@ -135,7 +135,7 @@ def test_transform_round_trip_and_matches_cv2_resize():
 
 
 def test_portrait_frames_are_turned_a_quarter_before_the_stretch_and_points_follow():
-    from fetalpipe.imaging import ResizeTransform, resize_to_model
+    from fetalpipe.data.imaging import ResizeTransform, resize_to_model
 
     portrait = np.zeros((800, 540), np.float32)
     portrait[600:606, 100:106] = 1.0  # a dot at original (102.5, 602.5)

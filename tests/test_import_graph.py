@@ -62,6 +62,20 @@ def test_the_package_import_graph_has_no_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# The subpackages in the order README's "How the code is laid out" lists them: each imports only itself and earlier ones.
+LAYERS = ("runtime", "measure", "data", "model", "pipeline")
+
+
+def test_each_subpackage_imports_only_itself_and_the_layers_below():
+    upward = []
+    for module, imported in import_graph().items():
+        if module.count(".") < 2:  # fetalpipe, fetalpipe.cli and the subpackages' __init__ files
+            continue
+        layer = LAYERS.index(module.split(".")[1])
+        upward += [f"{module} -> {name}" for name in imported if name.count(".") >= 2 and LAYERS.index(name.split(".")[1]) > layer]
+    assert not upward, "imports from a later layer: " + ", ".join(sorted(upward))
+
+
 def test_the_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None

@@ -15,9 +15,9 @@ import pytest
 from conftest import SAMPLE_DIR, SAMPLE_MANIFEST, write_png
 from fetalpipe import LANDMARK_COLUMNS
 from fetalpipe.cli import main
-from fetalpipe.clinical import ga_from_hc_weeks, hc_z_intergrowth21
-from fetalpipe.infer import InferOptions, run_inference
-from fetalpipe.predictions import read_predictions
+from fetalpipe.measure.clinical import ga_from_hc_weeks, hc_z_intergrowth21
+from fetalpipe.pipeline.infer import InferOptions, run_inference
+from fetalpipe.pipeline.predictions import read_predictions
 from test_imaging import GRAY, make_dicom
 
 CONTRACT_COLUMNS = [
@@ -164,7 +164,7 @@ def test_model_actors_that_cannot_start_stop_the_job_with_their_reason(ray_local
     """Weights that do not fit the architecture pass the driver's header check and fail in the actors: the job stops
     at once (no error row for every image) and the CLI ends on the actors' reason, exit code 2."""
     from conftest import model_missing_a_weight
-    from fetalpipe.infer import ActorStartError
+    from fetalpipe.pipeline.infer import ActorStartError
 
     mismatched = model_missing_a_weight(tiny_model_path, tmp_path / "mismatched.pt")
     with pytest.raises(ActorStartError, match="could not start: .*ModelFileError: .*weights do not fit the architecture.*Missing key"):
@@ -207,7 +207,7 @@ def test_dry_run_plans_from_the_output_and_writes_nothing(tiny_model_path, archi
 
 def test_write_batch_names_files_by_batch_and_leaves_no_partial_file(tmp_path):
     """A retried batch (its actor restarted) must replace its own file, not add a second copy."""
-    from fetalpipe.predictions import write_batch
+    from fetalpipe.pipeline.predictions import write_batch
 
     rows = {
         "image_path": np.array(["a.png", "b.png"], dtype=object), "status": np.array(["ok", "error"], dtype=object),
@@ -231,7 +231,7 @@ def test_write_batch_names_files_by_batch_and_leaves_no_partial_file(tmp_path):
 
 def test_many_batch_files_are_compacted_into_parts_and_nothing_changes(tmp_path, monkeypatch):
     """One file per batch would leave ~16,000 files for a million images: past the limit, the run's end rewrites them."""
-    import fetalpipe.predictions as predictions
+    import fetalpipe.pipeline.predictions as predictions
 
     predictions_dir = tmp_path / "predictions"
     predictions_dir.mkdir()

@@ -10,8 +10,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from conftest import SAMPLE_MANIFEST
-from fetalpipe.infer import InferOptions, run_inference
-from fetalpipe.predictions import read_predictions
+from fetalpipe.pipeline.infer import InferOptions, run_inference
+from fetalpipe.pipeline.predictions import read_predictions
 
 
 def complete_parquet(path) -> bool:

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from conftest import ultrasound_like, write_png
-from fetalpipe.manifest import ManifestError, landmarks_original_px, load_manifest
+from fetalpipe.data.manifest import ManifestError, landmarks_original_px, load_manifest
 
 POINTS = {"ofd1_x": 20.0, "ofd1_y": 60.0, "ofd2_x": 140.0, "ofd2_y": 60.0, "bpd1_x": 80.0, "bpd1_y": 20.0, "bpd2_x": 80.0, "bpd2_y": 100.0}
 

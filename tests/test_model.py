@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fetalpipe.model import MODEL_CONFIGS, HeatmapUNet, ModelConfig
+from fetalpipe.model.networks import MODEL_CONFIGS, HeatmapUNet, ModelConfig
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
@@ -51,7 +51,7 @@ def test_coordinate_head_keeps_only_the_encoder():
 def test_folding_batchnorm_keeps_outputs():
     import torch
 
-    from fetalpipe.model import MODEL_CONFIGS, HeatmapUNet, fold_batchnorm
+    from fetalpipe.model.networks import MODEL_CONFIGS, HeatmapUNet, fold_batchnorm
 
     torch.manual_seed(0)
     model = HeatmapUNet(MODEL_CONFIGS["fast_deep"])
@@ -73,11 +73,11 @@ def test_model_header_is_read_without_torch_and_matches_the_full_load(tiny_model
     import subprocess
     import sys
 
-    from fetalpipe.model_io import ModelFileError, load_model, read_model_header
+    from fetalpipe.model.model_file import ModelFileError, load_model, read_model_header
 
     _, _, payload = load_model(tiny_model_path)
     assert read_model_header(tiny_model_path) == {key: value for key, value in payload.items() if key != "state_dict"}
-    probe = ("import sys, fetalpipe.infer, fetalpipe.preprocess; from fetalpipe.model_io import read_model_header; "
+    probe = ("import sys, fetalpipe.pipeline.infer, fetalpipe.pipeline.preprocess; from fetalpipe.model.model_file import read_model_header; "
              "print(read_model_header(sys.argv[1])['train_config']['input_size'], 'torch' in sys.modules)")
     printed = subprocess.run([sys.executable, "-c", probe, tiny_model_path], capture_output=True, text=True, check=True).stdout.split()
     assert printed == [str(payload["train_config"]["input_size"]), "False"]
@@ -102,7 +102,7 @@ def test_damaged_or_mismatched_weights_are_refused_with_the_reason(tiny_model_pa
     import zipfile
 
     from conftest import model_missing_a_weight
-    from fetalpipe.model_io import ModelFileError, load_model, read_model_header
+    from fetalpipe.model.model_file import ModelFileError, load_model, read_model_header
 
     damaged = tmp_path / "damaged.pt"
     shutil.copy(tiny_model_path, damaged)

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from conftest import SAMPLE_DIR, SAMPLE_MANIFEST
-from fetalpipe import storage
+from fetalpipe.runtime import storage
 
 
 @pytest.fixture(scope="session")
@@ -163,7 +163,7 @@ def test_training_from_s3_with_its_run_dir_on_s3_then_resumed(s3_archive, tmp_pa
     assert first.returncode == 0, first.stdout + first.stderr
     assert "stage 1: epoch 1/1" in first.stdout
     assert storage.exists(f"{run_dir}/model.pt") and storage.exists(f"{run_dir}/metrics.csv")
-    from fetalpipe.train import list_checkpoints
+    from fetalpipe.pipeline.train import list_checkpoints
 
     assert [epoch for epoch, _ in list_checkpoints(run_dir)] == [1]  # stored under the run dir, where Ray Train put it
 

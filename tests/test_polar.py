@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fetalpipe import ellipse as ellipse_geometry
-from fetalpipe.polar import PolarCodec, jitter
+from fetalpipe.measure import ellipse as ellipse_geometry
+from fetalpipe.model.polar import PolarCodec, jitter
 
 REFERENCE = np.array([400.0, 260.0, 180.0, 140.0, np.deg2rad(25.0)])  # original pixels
 

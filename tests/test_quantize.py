@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import SAMPLE_MANIFEST
-from fetalpipe.imaging import read_image, resize_to_model
-from fetalpipe.infer import InferOptions, load_inference_model, resolve_precision, run_inference
-from fetalpipe.predictions import read_predictions
-from fetalpipe.model import to_model_input
-from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_model, read_model_header, refinement_entries, save_model
-from fetalpipe.quantize import _prepared, observe_quantization, to_int8
+from fetalpipe.data.imaging import read_image, resize_to_model
+from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, load_model, read_model_header, refinement_entries, save_model
+from fetalpipe.model.networks import to_model_input
+from fetalpipe.model.quantize import _prepared, observe_quantization, to_int8
+from fetalpipe.pipeline.infer import InferOptions, load_inference_model, resolve_precision, run_inference
+from fetalpipe.pipeline.predictions import read_predictions
 
 
 def sample_images(input_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,8 +104,8 @@ def test_shipped_refinement_stage_runs_in_int8_close_to_fp32():
     """Stage 2's int8 parameters come from `calibrate` like stage 1's; in int8 its ray outline stays within a fraction of
     a polar column of fp32's on the sample (stage 1's fp32 ellipses as priors)."""
     from fetalpipe import LANDMARK_COLUMNS
-    from fetalpipe import ellipse as ellipse_geometry
-    from fetalpipe.infer import LandmarkPredictor
+    from fetalpipe.measure import ellipse as ellipse_geometry
+    from fetalpipe.pipeline.infer import LandmarkPredictor
 
     fp32, int8 = LandmarkPredictor(DEFAULT_MODEL_PATH, threads=1, precision="fp32"), LandmarkPredictor(DEFAULT_MODEL_PATH, threads=1, precision="int8")
     assert any(isinstance(module, torch.ao.nn.quantized.Conv2d) for module in int8.refinement.modules())

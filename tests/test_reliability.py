@@ -16,9 +16,9 @@ import pytest
 
 from conftest import SAMPLE_DIR, SAMPLE_MANIFEST
 from fetalpipe import LANDMARK_COLUMNS
-from fetalpipe.infer import InferOptions, run_inference
-from fetalpipe.predictions import read_predictions
-from fetalpipe.model_io import DEFAULT_MODEL_PATH
+from fetalpipe.model.model_file import DEFAULT_MODEL_PATH
+from fetalpipe.pipeline.infer import InferOptions, run_inference
+from fetalpipe.pipeline.predictions import read_predictions
 from test_imaging import make_dicom
 
 PREDICTION_COLUMNS = ["image_path", "status", "error", *LANDMARK_COLUMNS, "ofd_px", "bpd_px", "hc_px", "hc_ellipse_px",

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import SAMPLE_DIR, SAMPLE_MANIFEST
 from fetalpipe import LANDMARK_COLUMNS
-from fetalpipe.biometry import biometry_mm
-from fetalpipe.clinical import clinical_columns, intergrowth21_hc_mean_sd_mm
-from fetalpipe.report import MAX_GALLERY_IMAGES, write_report
+from fetalpipe.measure.biometry import biometry_mm
+from fetalpipe.measure.clinical import clinical_columns, intergrowth21_hc_mean_sd_mm
+from fetalpipe.pipeline.report import MAX_GALLERY_IMAGES, write_report
 
 # Injected into a copy of the report (the report itself has no script): after load, list every resource the page
 # fetched and every image's load state, into an element that --dump-dom prints.
@@ -111,7 +111,7 @@ def test_report_in_a_browser_shows_the_csv_counts_loads_its_thumbnails_and_fetch
 def test_report_caps_its_galleries_and_says_how_many_were_left_out(tmp_path):
     output = tmp_path / "run"
     handmade_run(str(output), flagged_rows=20, error_rows=0)
-    import fetalpipe.report as report
+    import fetalpipe.pipeline.report as report
 
     original = report.MAX_GALLERY_IMAGES
     report.MAX_GALLERY_IMAGES = 5

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fetalpipe.review import SIGNALS, ReviewRule, catch_curve
+from fetalpipe.measure.review import SIGNALS, ReviewRule, catch_curve
 
 
 def _signals(count=400, seed=0):
@@ -62,7 +62,7 @@ def test_rule_round_trips_through_its_dict():
 
 
 def test_stored_threshold_is_what_a_model_file_carries(tmp_path, tiny_model_path):
-    from fetalpipe.model_io import load_model, read_model_header, refinement_entries, save_model
+    from fetalpipe.model.model_file import load_model, read_model_header, refinement_entries, save_model
 
     model, config, payload = load_model(tiny_model_path)
     rule = ReviewRule(thresholds={"stage_disagreement_mm": 0.0123}, fit_report={"images": 10})

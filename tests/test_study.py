@@ -6,7 +6,7 @@ import pytest
 
 from conftest import SAMPLE_MANIFEST
 from fetalpipe.cli import main
-from fetalpipe.study import load_study
+from fetalpipe.pipeline.study import load_study
 
 
 def test_study_runs_into_dated_folder_and_rerun_is_idempotent(ray_local, tiny_model_path, tmp_path):

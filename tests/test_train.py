@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from conftest import SAMPLE_MANIFEST
-from fetalpipe.infer import InferOptions, run_inference
-from fetalpipe.model_io import load_model
-from fetalpipe.config import resolve_config
-from fetalpipe.train import list_checkpoints, run_training, split_by_subject
+from fetalpipe.model.config import resolve_config
+from fetalpipe.model.model_file import load_model
+from fetalpipe.pipeline.infer import InferOptions, run_inference
+from fetalpipe.pipeline.train import list_checkpoints, run_training, split_by_subject
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_changed_config_on_existing_run_dir_is_refused(ray_local, tiny_config, t
 def test_losses_are_zero_for_a_perfect_map_and_grow_with_error():
     import torch
 
-    from fetalpipe.train import heatmap_loss
+    from fetalpipe.pipeline.train import heatmap_loss
 
     target = torch.zeros(2, 1, 16, 16)
     target[:, :, 4:12, 4:12] = 1.0
@@ -104,7 +104,7 @@ def test_training_jobs_silence_ray_trains_repeated_state_api_warning():
     """Without the dashboard, Ray Train's placement-group cleaner logs a warning about once a second."""
     import logging
 
-    from fetalpipe.cluster import NOISY_RAY_LOGGERS, quiet_noisy_ray_loggers
+    from fetalpipe.runtime.cluster import NOISY_RAY_LOGGERS, quiet_noisy_ray_loggers
 
     logger = logging.getLogger(NOISY_RAY_LOGGERS[0])
     logger.setLevel(logging.NOTSET)
@@ -118,7 +118,7 @@ def test_training_jobs_silence_ray_trains_repeated_state_api_warning():
 def test_refinement_stage_trains_after_a_given_stage1_and_both_run_in_inference(ray_local, sample_manifest_copy, tmp_path):
     """`--config ellipse_refine --stage1-model FILE`: stage 1 is taken from the file, the refinement stage trains through
     Ray Data + Ray Train into RUN_DIR/refinement/, model.pt holds both, and `infer` runs both in the same actors."""
-    from fetalpipe.model_io import DEFAULT_MODEL_PATH, load_refinement_model, read_model_header
+    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, load_refinement_model, read_model_header
 
     path = tmp_path / "tiny_refine.yaml"
     path.write_text(yaml.safe_dump({"base": "ellipse_refine", "refinement": {"epochs": 1, "batch_size": 4, "model": {"base_width": 4, "depth": 3}}}))

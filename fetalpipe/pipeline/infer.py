@@ -24,12 +24,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from fetalpipe import LANDMARK_COLUMNS, __version__, console, storage
-from fetalpipe.biometry import biometry_mm
-from fetalpipe.clinical import clinical_columns
-from fetalpipe.imaging import ResizeTransform
-from fetalpipe.predictions import (NUMERIC_MANIFEST_COLUMNS, OUTPUT_COLUMNS, RESUME_COLUMNS, REVIEW_SIGNAL_COLUMNS, compact_if_needed,
-                                   newest_per_image, read_predictions, write_batch)
+from fetalpipe import LANDMARK_COLUMNS, __version__
+from fetalpipe.data.imaging import ResizeTransform
+from fetalpipe.measure.biometry import biometry_mm
+from fetalpipe.measure.clinical import clinical_columns
+from fetalpipe.pipeline.predictions import (NUMERIC_MANIFEST_COLUMNS, OUTPUT_COLUMNS, RESUME_COLUMNS, REVIEW_SIGNAL_COLUMNS, compact_if_needed,
+                                            newest_per_image, read_predictions, write_batch)
+from fetalpipe.runtime import console, storage
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 # Share of a CPU each stage asks Ray for: the model takes most of the time, decoding the rest.
@@ -70,7 +71,7 @@ class InferOptions:
 
 def collect_inputs(manifest: str | None, input_glob: str | None) -> pd.DataFrame:
     """The input table: a validated manifest, or every image file under a folder / matching a glob."""
-    from fetalpipe.manifest import ManifestError, load_manifest
+    from fetalpipe.data.manifest import ManifestError, load_manifest
 
     if manifest:
         table = load_manifest(manifest)
@@ -171,15 +172,15 @@ def resolve_precision(requested: str, model_header: dict) -> str:
 def inference_network(model, precision: str, quantization: dict | None, input_shape):
     """One stage's network ready for `model.to_model_input(...)` batches: int8 from its stored parameters when `precision`
     is "int8" and the file has them for it, else fp32 with BatchNorm folded."""
-    from fetalpipe.model import prepare_for_inference
-    from fetalpipe.quantize import to_int8
+    from fetalpipe.model.networks import prepare_for_inference
+    from fetalpipe.model.quantize import to_int8
 
     return to_int8(model, quantization, input_shape) if precision == "int8" and quantization else prepare_for_inference(model)
 
 
 def load_inference_model(model_path: str, precision: str):
     """(stage 1 ready for `model.to_model_input(...)` batches, TrainConfig, payload) in "int8" or "fp32" (resolved)."""
-    from fetalpipe.model_io import load_model
+    from fetalpipe.model.model_file import load_model
 
     model, config, payload = load_model(model_path)
     return inference_network(model, precision, payload.get("int8_quantization"), config.input_size), config, payload
@@ -196,9 +197,9 @@ class LandmarkPredictor:
                  precision: str = "fp32"):
         import torch
 
-        from fetalpipe.calibration import SizeCalibration
-        from fetalpipe.model_io import file_sha256, load_refinement_model
-        from fetalpipe.review import ReviewRule
+        from fetalpipe.measure.calibration import SizeCalibration
+        from fetalpipe.measure.review import ReviewRule
+        from fetalpipe.model.model_file import file_sha256, load_refinement_model
 
         torch.set_num_threads(threads)
         model_path = storage.local_copy(model_path)  # an object-store model: downloaded once per node
@@ -219,7 +220,7 @@ class LandmarkPredictor:
     def predict_heatmaps(self, images: np.ndarray) -> np.ndarray:
         import torch
 
-        from fetalpipe.model import to_model_input
+        from fetalpipe.model.networks import to_model_input
 
         outputs = []
         with torch.inference_mode():
@@ -237,8 +238,8 @@ class LandmarkPredictor:
         how far its ray points lie from the ellipse fitted to them (RMS), and how spread its rays' softmaxes are."""
         import torch
 
-        from fetalpipe import ellipse as ellipse_geometry
-        from fetalpipe.model import to_model_input
+        from fetalpipe.measure import ellipse as ellipse_geometry
+        from fetalpipe.model.networks import to_model_input
 
         priors = ellipse_geometry.from_endpoints(stage1_points_px)
         crops = np.stack([self.polar_codec.crop(pixels, prior) for pixels, prior in zip(originals, priors)])
@@ -265,7 +266,7 @@ class LandmarkPredictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" not in batch:  # decode_in="actors": not decoded upstream
-            from fetalpipe.preprocess import decode_batch
+            from fetalpipe.pipeline.preprocess import decode_batch
 
             batch = decode_batch(batch, self.codec.input_size, keep_original=self.refinement is not None)
         count = len(batch["image_path"])
@@ -318,7 +319,7 @@ class LandmarkPredictor:
 def plausibility_signals(points_original_px: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> dict[str, np.ndarray]:
     """Review signals from the final ellipse alone: how much of it lies outside the frame, its BPD/OFD ratio, and
     its OFD as a fraction of the image diagonal (NaN where no head was found)."""
-    from fetalpipe import ellipse as ellipse_geometry
+    from fetalpipe.measure import ellipse as ellipse_geometry
 
     count = len(points_original_px)
     outside, ratio, size = np.full(count, np.nan), np.full(count, np.nan), np.full(count, np.nan)
@@ -334,7 +335,7 @@ def plausibility_signals(points_original_px: np.ndarray, widths: np.ndarray, hei
 
 def draw_overlays_batch(batch: dict[str, np.ndarray], overlay_dir: str) -> dict[str, np.ndarray]:
     """One PNG per ok row: OFD in blue, BPD in green (as the seed's Figure 2), the HC ellipse, values in mm."""
-    from fetalpipe.overlays import draw_overlay
+    from fetalpipe.pipeline.overlays import draw_overlay
 
     for index in np.flatnonzero(batch["status"] == "ok"):
         row = {key: batch[key][index] for key in batch}
@@ -346,8 +347,8 @@ def draw_overlays_batch(batch: dict[str, np.ndarray], overlay_dir: str) -> dict[
 
 
 def run_inference(options: InferOptions) -> dict:
-    from fetalpipe.cluster import connect
-    from fetalpipe.model_io import DEFAULT_MODEL_PATH, file_sha256, read_model_header
+    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, file_sha256, read_model_header
+    from fetalpipe.runtime.cluster import connect
 
     started = time.perf_counter()
     if options.decode_in not in ("actors", "tasks"):
@@ -431,7 +432,7 @@ def run_inference(options: InferOptions) -> dict:
     storage.write_text(storage.join(output_dir, "run.json"), json.dumps(run_record, indent=2, default=str))
     outputs = {"predictions.csv": csv_path, "predictions/": predictions_dir + "/", "run.json": storage.join(output_dir, "run.json")}
     if options.report:
-        from fetalpipe.report import write_report
+        from fetalpipe.pipeline.report import write_report
 
         outputs["report.html"] = write_report(output_dir)
     if options.overlays:
@@ -487,7 +488,7 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours (console.Progress) is the one display
 
-    from fetalpipe.preprocess import decode_batch
+    from fetalpipe.pipeline.preprocess import decode_batch
     table = pending.copy()
     if "pixel_spacing_mm" not in table:
         table["pixel_spacing_mm"] = np.nan
@@ -554,9 +555,9 @@ def _versions() -> dict:
 
 def run_demo(output_dir: str, ray_address: str | None = None, verbose: bool = False) -> dict:
     """Inference with overlays on the embedded HC18 sample; prints a short table."""
-    from fetalpipe.model_io import DEFAULT_MODEL_PATH
+    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH
 
-    sample_manifest = os.path.join(os.path.dirname(__file__), "assets", "sample", "manifest.csv")
+    sample_manifest = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "sample", "manifest.csv")
     summary = run_inference(InferOptions(output_dir=output_dir, manifest=sample_manifest, model_path=DEFAULT_MODEL_PATH, overlays=True,
                                          ray_address=ray_address, verbose=verbose, print_summary=False))
     predictions = pd.read_csv(os.path.join(output_dir, "predictions.csv"))

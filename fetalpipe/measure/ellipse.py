@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fetalpipe.biometry import canonical_order
+from fetalpipe.measure.biometry import canonical_order
 
 CENTRE_X, CENTRE_Y, SEMI_MAJOR, SEMI_MINOR, ANGLE = range(5)
 
@@ -87,7 +87,7 @@ def radial_residuals_px(points_px: np.ndarray, ellipse: np.ndarray) -> np.ndarra
 
 
 def perimeter(ellipses: np.ndarray) -> np.ndarray:
-    from fetalpipe.biometry import ramanujan_perimeter
+    from fetalpipe.measure.biometry import ramanujan_perimeter
 
     ellipses = np.asarray(ellipses, dtype=np.float64)
     return ramanujan_perimeter(ellipses[..., SEMI_MAJOR], ellipses[..., SEMI_MINOR])

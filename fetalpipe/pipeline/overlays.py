@@ -9,7 +9,7 @@ import os
 import cv2
 import numpy as np
 
-from fetalpipe.imaging import read_image
+from fetalpipe.data.imaging import read_image
 
 OFD_COLOR_BGR = (255, 0, 0)  # blue, as in the seed's Figure 2
 BPD_COLOR_BGR = (0, 200, 0)  # green
@@ -24,7 +24,7 @@ def overlay_filename(image_path: str) -> str:
 
 def draw_overlay(row: dict, overlay_dir: str) -> str:
     """Write `render_overlay(row)` to OVERLAY_DIR/`overlay_filename`; returns its path."""
-    from fetalpipe import storage
+    from fetalpipe.runtime import storage
 
     ok, encoded = cv2.imencode(".png", render_overlay(row))
     if not ok:

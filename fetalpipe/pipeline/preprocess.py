@@ -12,11 +12,11 @@ import hashlib
 import numpy as np
 
 from fetalpipe import LANDMARK_COLUMNS
-from fetalpipe import ellipse as ellipse_geometry
-from fetalpipe.augment import AcquisitionAugmentConfig, AugmentConfig, degrade_acquisition, degrade_intensity, random_affine, random_intensity
-from fetalpipe.heatmaps import HeatmapCodec
-from fetalpipe.imaging import ImageDecodeError, ResizeTransform, decode_image, read_bytes, resize_to_model
-from fetalpipe.polar import PolarCodec, jitter
+from fetalpipe.data.augment import AcquisitionAugmentConfig, AugmentConfig, degrade_acquisition, degrade_intensity, random_affine, random_intensity
+from fetalpipe.data.imaging import ImageDecodeError, ResizeTransform, decode_image, read_bytes, resize_to_model
+from fetalpipe.measure import ellipse as ellipse_geometry
+from fetalpipe.model.heatmaps import HeatmapCodec
+from fetalpipe.model.polar import PolarCodec, jitter
 
 
 def decode_batch(batch: dict[str, np.ndarray], input_size: int, keep_original: bool = False) -> dict[str, np.ndarray]:

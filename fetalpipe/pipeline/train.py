@@ -17,10 +17,9 @@ import time
 import numpy as np
 import pandas as pd
 
-from fetalpipe import storage
-from fetalpipe.augment import ARCHIVE_AUGMENT, ARCHIVE_FINE_TUNE_AUGMENT, AcquisitionAugmentConfig, AugmentConfig
-from fetalpipe.config import RefinementConfig, TrainConfig
-
+from fetalpipe.data.augment import ARCHIVE_AUGMENT, ARCHIVE_FINE_TUNE_AUGMENT, AcquisitionAugmentConfig, AugmentConfig
+from fetalpipe.model.config import RefinementConfig, TrainConfig
+from fetalpipe.runtime import storage
 
 AUGMENT_PRESETS = {"standard": AugmentConfig(), "archive": ARCHIVE_AUGMENT, "archive_fine_tune": ARCHIVE_FINE_TUNE_AUGMENT}
 
@@ -64,13 +63,13 @@ def _lr_factor(schedule: str, epoch: int, epochs: int) -> float:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """One training worker. Reads like a plain PyTorch loop; Ray provides data, DDP and checkpoints."""
-    import torch
     import ray.train
     import ray.train.torch
+    import torch
 
-    from fetalpipe.evaluate import per_image_errors
-    from fetalpipe.model import HeatmapUNet
-    from fetalpipe.preprocess import transforms_of
+    from fetalpipe.model.networks import HeatmapUNet
+    from fetalpipe.pipeline.evaluate import per_image_errors
+    from fetalpipe.pipeline.preprocess import transforms_of
 
     torch.set_num_threads(loop_config["threads_per_worker"])
     config = TrainConfig.from_dict(loop_config["train_config"])
@@ -80,7 +79,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     model = HeatmapUNet(config.model)
     if config.init_from:  # fine-tuning; a checkpoint, when there is one, replaces these weights below
-        from fetalpipe.model_io import load_model
+        from fetalpipe.model.model_file import load_model
 
         model.load_state_dict(load_model(config.init_from)[2]["state_dict"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -192,8 +191,8 @@ def _score_with_rank0_batchnorm(bare_model, world_size: int) -> None:
 def _restore_checkpoint(model, optimizer, loop_config: dict) -> tuple[int, list]:
     """(first epoch to run, history so far). A worker restarted after a failure gets Ray's latest checkpoint; a rerun
     of the command gets RUN_DIR's."""
-    import torch
     import ray.train
+    import torch
 
     checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(loop_config["resume_from"]) if loop_config.get("resume_from") else None)
     if not checkpoint:
@@ -207,8 +206,8 @@ def _restore_checkpoint(model, optimizer, loop_config: dict) -> tuple[int, list]
 
 def _checkpoint_and_report(rank: int, epoch: int, history: list, model, optimizer, config_dict: dict, metrics: dict) -> None:
     """Rank 0 writes the epoch's checkpoint (weights, optimizer, history); every rank reports the metrics."""
-    import torch
     import ray.train
+    import torch
 
     with tempfile.TemporaryDirectory() as directory:
         saved = None
@@ -235,7 +234,7 @@ def polar_loss(logits, target):
 
 def refinement_errors(ellipses: np.ndarray, references: np.ndarray, pixel_spacing_mm: np.ndarray, reference_hc_mm: np.ndarray) -> pd.DataFrame:
     """Per image: HC, BPD and OFD differences in mm of [N, 5] ellipses (original pixels) against the references."""
-    from fetalpipe import ellipse as ellipse_geometry
+    from fetalpipe.measure import ellipse as ellipse_geometry
 
     spacing = np.asarray(pixel_spacing_mm, dtype=np.float64)
     reference_hc = np.where(np.isfinite(reference_hc_mm), reference_hc_mm, ellipse_geometry.perimeter(references) * spacing)
@@ -249,11 +248,11 @@ def refinement_errors(ellipses: np.ndarray, references: np.ndarray, pixel_spacin
 def refinement_loop_per_worker(loop_config: dict) -> None:
     """One training worker of stage 2: the same plain loop, on polar crops around jittered reference ellipses.
     Validation scores the refined ellipse (and, for comparison, the jittered prior it started from) in mm."""
-    import torch
     import ray.train
     import ray.train.torch
+    import torch
 
-    from fetalpipe.model import HeatmapUNet
+    from fetalpipe.model.networks import HeatmapUNet
 
     torch.set_num_threads(loop_config["threads_per_worker"])
     config = RefinementConfig.from_dict(loop_config["refinement_config"])
@@ -318,7 +317,7 @@ def build_datasets(train_table: pd.DataFrame, val_table: pd.DataFrame, config: T
 
     import ray.data
 
-    from fetalpipe.preprocess import decode_batch, encode_batch, scale_landmarks_batch
+    from fetalpipe.pipeline.preprocess import decode_batch, encode_batch, scale_landmarks_batch
 
     codec = config.codec()
     columns = [c for c in train_table.columns if c in {"image_path", "subject_id", "pixel_spacing_mm", "hc_mm"} or c.endswith(("_x", "_y"))]
@@ -363,7 +362,7 @@ def build_refinement_datasets(train_table: pd.DataFrame, val_table: pd.DataFrame
     import ray.data
 
     from fetalpipe import LANDMARK_COLUMNS
-    from fetalpipe.preprocess import decode_original_batch, encode_polar_batch
+    from fetalpipe.pipeline.preprocess import decode_original_batch, encode_polar_batch
 
     codec = refinement.codec()
     skipped = []
@@ -401,9 +400,9 @@ def run_training(
     """Train (or resume) into RUN_DIR; write metrics.csv, loss_curves.png and the best model.pt. With a refinement stage,
     stage 2 trains after stage 1 (in RUN_DIR/refinement/) and model.pt holds both. `stage1_model`: take stage 1 from
     that model file instead of training it (stage 2 never sees stage 1's output in training, so any stage 1 fits)."""
-    from fetalpipe import console
-    from fetalpipe.cluster import connect
-    from fetalpipe.manifest import load_manifest
+    from fetalpipe.data.manifest import load_manifest
+    from fetalpipe.runtime import console
+    from fetalpipe.runtime.cluster import connect
 
     started = time.perf_counter()
     table = load_manifest(manifest_path, require_landmarks=True)
@@ -447,7 +446,7 @@ def run_training(
 
 def _stage1_from_file(stage1_model: str, run_dir: str, config: TrainConfig) -> TrainConfig:
     """Write RUN_DIR/model.pt from another model file's stage 1 (weights and config; nothing it was calibrated with)."""
-    from fetalpipe.model_io import load_model, save_model
+    from fetalpipe.model.model_file import load_model, save_model
 
     model, stage1_config, payload = load_model(stage1_model)
     save_model(storage.join(run_dir, "model.pt"), payload["state_dict"], stage1_config.without_refinement(), metrics=payload.get("metrics"),
@@ -539,7 +538,7 @@ class EpochLines:
             self.print_new()
 
     def print_new(self) -> None:
-        from fetalpipe.console import format_seconds
+        from fetalpipe.runtime.console import format_seconds
 
         for epoch, checkpoint in list_checkpoints(self.stage_dir):
             if epoch <= self.printed:
@@ -585,7 +584,7 @@ def _load_checkpoint_state(checkpoint_dir: str) -> dict:
 def write_run_outputs(run_dir: str, manifest_path: str | None = None, config: TrainConfig | None = None) -> dict:
     """From the checkpoints: metrics.csv, loss_curves.png, and model.pt of the best epoch (stage 1 alone; a refinement
     stage is added to it by `write_refinement_outputs`)."""
-    from fetalpipe.model_io import save_model
+    from fetalpipe.model.model_file import save_model
 
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
@@ -626,7 +625,7 @@ def write_refinement_metrics(stage_dir: str) -> dict:
 def write_refinement_outputs(run_dir: str) -> None:
     """RUN_DIR/model.pt with both stages: stage 1 as written by `write_run_outputs` (or taken from --stage1-model)
     plus the refinement stage's best epoch."""
-    from fetalpipe.model_io import load_model, save_model
+    from fetalpipe.model.model_file import load_model, save_model
 
     stage_dir = storage.join(run_dir, "refinement")
     history, best_epoch, best_dir = _best_refinement_checkpoint(stage_dir)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fetalpipe.biometry import canonical_order
+from fetalpipe.measure.biometry import canonical_order
 
 LAYOUTS = ("ordered", "pairs", "ellipse", "coordinates")
 ELLIPSE_OUTLINE_SAMPLES = 256
@@ -143,7 +143,7 @@ class HeatmapCodec:
     def _decode_ellipse(self, maps: np.ndarray, original_sizes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         import cv2
 
-        from fetalpipe.imaging import ResizeTransform
+        from fetalpipe.data.imaging import ResizeTransform
 
         points = np.full((len(maps), 4, 2), np.nan)
         confidence = np.zeros((len(maps), 4))

@@ -5,19 +5,18 @@ applied by code below `infer`."""
 
 from __future__ import annotations
 
-
 import numpy as np
 
-from fetalpipe import storage
-from fetalpipe.calibration import SizeCalibration
-from fetalpipe.review import ReviewRule
+from fetalpipe.measure.calibration import SizeCalibration
+from fetalpipe.measure.review import ReviewRule
+from fetalpipe.runtime import storage
 
 
 def polar_crops_around_references(codec, originals: list, rows) -> np.ndarray:
     """float32 [N, rows, columns]: one crop per image, around its reference ellipse jittered as in training (seeded)."""
     from fetalpipe import LANDMARK_COLUMNS
-    from fetalpipe import ellipse as ellipse_geometry
-    from fetalpipe.polar import jitter
+    from fetalpipe.measure import ellipse as ellipse_geometry
+    from fetalpipe.model.polar import jitter
 
     rng = np.random.default_rng(0)
     references = ellipse_geometry.from_endpoints(rows[list(LANDMARK_COLUMNS)].to_numpy(dtype=np.float64).reshape(-1, 4, 2))
@@ -36,13 +35,13 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
 
     import pandas as pd
 
-    from fetalpipe.evaluate import evaluate_predictions
-    from fetalpipe.imaging import read_image, resize_to_model
-    from fetalpipe.infer import InferOptions, run_inference
-    from fetalpipe.manifest import load_manifest
-    from fetalpipe.model_io import load_model, load_refinement_model, refinement_entries, save_model
-    from fetalpipe.quantize import CALIBRATION_IMAGES, observe_quantization
-    from fetalpipe.train import split_by_subject
+    from fetalpipe.data.imaging import read_image, resize_to_model
+    from fetalpipe.data.manifest import load_manifest
+    from fetalpipe.model.model_file import load_model, load_refinement_model, refinement_entries, save_model
+    from fetalpipe.model.quantize import CALIBRATION_IMAGES, observe_quantization
+    from fetalpipe.pipeline.evaluate import evaluate_predictions
+    from fetalpipe.pipeline.infer import InferOptions, run_inference
+    from fetalpipe.pipeline.train import split_by_subject
 
     model_path = storage.local_copy(model_path)
     model, config, payload = load_model(model_path)

@@ -8,9 +8,9 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from fetalpipe.heatmaps import HeatmapCodec
-from fetalpipe.model import MODEL_CONFIGS, ModelConfig
-from fetalpipe.polar import PolarCodec
+from fetalpipe.model.heatmaps import HeatmapCodec
+from fetalpipe.model.networks import MODEL_CONFIGS, ModelConfig
+from fetalpipe.model.polar import PolarCodec
 
 
 def _model_and_fields(config_class, values: dict, what: str) -> tuple[dict, dict]:
@@ -27,7 +27,7 @@ def _model_and_fields(config_class, values: dict, what: str) -> tuple[dict, dict
 
 @dataclass(frozen=True)
 class RefinementConfig:
-    """Stage 2: the outline in a polar crop of the original image around a prior ellipse (`fetalpipe.polar`).
+    """Stage 2: the outline in a polar crop of the original image around a prior ellipse (`fetalpipe.model.polar`).
     Trained on jittered reference ellipses, so it learns to correct stage 1, whatever stage 1 it follows."""
 
     # Full-resolution U-Net on the 128 x 64 crop, narrow (8 channels at the top): 13 ms a training image at 1 thread.

@@ -2,7 +2,7 @@
 
 Columns: ``image_path`` (absolute, or relative to the manifest's folder), optional ``subject_id``,
 optional ``pixel_spacing_mm``, optional ``gestational_age_weeks`` (decimal weeks) or ``gestational_age_days``
-(clinical context: `fetalpipe.clinical`), and for training ``ofd1_x … bpd2_y`` in original image pixels.
+(clinical context: `fetalpipe.measure.clinical`), and for training ``ofd1_x … bpd2_y`` in original image pixels.
 Any other column is carried through to the outputs untouched.
 """
 
@@ -39,7 +39,7 @@ def read_table(path: str) -> pd.DataFrame:
 
     import pyarrow.parquet as pq
 
-    from fetalpipe import storage
+    from fetalpipe.runtime import storage
 
     if path.endswith(".parquet") or (not path.endswith(".csv") and not storage.is_uri(path) and os.path.isdir(path)):
         fs, inner_path = storage.filesystem(path)

@@ -8,7 +8,7 @@ import os
 import pickle
 import zipfile
 
-DEFAULT_MODEL_PATH = os.path.join(os.path.dirname(__file__), "assets", "model.pt")
+DEFAULT_MODEL_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "model.pt")
 MODEL_FORMAT = "fetalpipe-model-v1"
 
 
@@ -46,7 +46,7 @@ def save_model(path: str, state_dict: dict, train_config, metrics: dict | None =
         payload["refinement_int8_quantization"] = refinement_int8_quantization
     import io
 
-    from fetalpipe import storage
+    from fetalpipe.runtime import storage
 
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -91,7 +91,7 @@ def _no_tensor(*args, **kwargs) -> None:
 def _existing_intact_file(path: str | None) -> str:
     """The model file's path once it exists and its zip checksums hold. torch.load does not check them: a flipped byte
     in the weights loads silently and measures wrongly. Checking reads the file once (about 8 ms for the shipped 8 MB model)."""
-    from fetalpipe import storage
+    from fetalpipe.runtime import storage
 
     path = path or DEFAULT_MODEL_PATH
     if storage.is_uri(path):  # read from a local copy (downloaded once per machine)
@@ -135,8 +135,8 @@ def load_model(path: str | None = None):
     """(model in eval mode, TrainConfig, payload). Raises ModelFileError with the reason."""
     import torch
 
-    from fetalpipe.model import HeatmapUNet
-    from fetalpipe.config import TrainConfig
+    from fetalpipe.model.config import TrainConfig
+    from fetalpipe.model.networks import HeatmapUNet
 
     path = _existing_intact_file(path)
     try:
@@ -157,7 +157,7 @@ def load_model(path: str | None = None):
 
 def load_refinement_model(config, payload: dict, path: str = "model file"):
     """The refinement stage's network (eval mode) from a loaded payload, or None for a one-stage model."""
-    from fetalpipe.model import HeatmapUNet
+    from fetalpipe.model.networks import HeatmapUNet
 
     if config.refinement is None:
         return None

@@ -34,12 +34,12 @@ def connect(address: str | None, quiet_ray_train: bool = False) -> None:
     (shut down the local Ray, keep what was written), so a Python handler set before is put back."""
     import ray
 
-    from fetalpipe.console import ray_logs_redirected
+    from fetalpipe.runtime.console import ray_logs_redirected
 
     if ray.is_initialized():
         return
     handler = signal.getsignal(signal.SIGTERM)
-    runtime_env = {"worker_process_setup_hook": "fetalpipe.cluster.quiet_noisy_ray_loggers"} if quiet_ray_train else None
+    runtime_env = {"worker_process_setup_hook": "fetalpipe.runtime.cluster.quiet_noisy_ray_loggers"} if quiet_ray_train else None
     # With Ray's logs in a file (`console.ray_logs_to_file`), the workers' output stays in Ray's session logs too.
     options = {"address": ray_address_or_local(address), "include_dashboard": False, "log_to_driver": not ray_logs_redirected()}
     try:

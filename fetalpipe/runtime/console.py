@@ -81,9 +81,9 @@ class Progress:
         self.lock = threading.Lock()
         self.bar = None
         if self.stream.isatty():
-            from tqdm import tqdm
-
             import shutil
+
+            from tqdm import tqdm
 
             # A terminal that reports no width (some pseudo-terminals say 0 columns) gets a fixed 100-column bar.
             width_known = shutil.get_terminal_size(fallback=(0, 0)).columns >= 40

@@ -19,7 +19,7 @@ import re
 
 import yaml
 
-from fetalpipe.infer import InferOptions, run_inference
+from fetalpipe.pipeline.infer import InferOptions, run_inference
 
 REQUIRED_KEYS = ("name", "input", "output_root")
 OPTIONAL_KEYS = ("model", "overlays", "actors", "threads_per_actor", "batch_size")

@@ -43,7 +43,7 @@ def _prepared(model: nn.Module, input_shape: int | tuple[int, int], activation_o
     process-wide in PyTorch; it is set here because the weights are packed for it when the model is converted."""
     from torch.ao.quantization.quantize_fx import prepare_fx
 
-    from fetalpipe.model import fold_batchnorm
+    from fetalpipe.model.networks import fold_batchnorm
 
     if engine not in torch.backends.quantized.supported_engines:
         raise Int8Unavailable(f"int8 inference needs PyTorch's {engine!r} quantized engine; this build has "
@@ -78,7 +78,7 @@ def observe_quantization(model: nn.Module, images: np.ndarray, batch_size: int =
     histogram search (that took 1.5 s per actor, measured). `model` is changed (BatchNorm folded)."""
     from torch.ao.quantization import HistogramObserver
 
-    from fetalpipe.model import to_model_input
+    from fetalpipe.model.networks import to_model_input
 
     prepared = _prepared(model, tuple(images.shape[-2:]), HistogramObserver)
     with torch.inference_mode():

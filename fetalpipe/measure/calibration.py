@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fetalpipe.biometry import biometry_mm
+from fetalpipe.measure.biometry import biometry_mm
 
 # A correction is a few mm on heads of 100-350 mm; a factor outside this range means a measurement the line was never fitted on.
 SCALE_LIMITS = (0.95, 1.05)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from fetalpipe import ellipse as ellipse_geometry
+from fetalpipe.measure import ellipse as ellipse_geometry
 
 # Above this many original pixels per radial step the image is first shrunk (area average), so that a double-
 # resolution scan is sampled like a plain one instead of aliasing its speckle.

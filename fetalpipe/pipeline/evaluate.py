@@ -10,9 +10,10 @@ import json
 import numpy as np
 import pandas as pd
 
-from fetalpipe import LANDMARK_COLUMNS, storage
-from fetalpipe.biometry import biometry_mm
-from fetalpipe.review import LARGE_ERROR_MM
+from fetalpipe import LANDMARK_COLUMNS
+from fetalpipe.measure.biometry import biometry_mm
+from fetalpipe.measure.review import LARGE_ERROR_MM
+from fetalpipe.runtime import storage
 
 SDR_THRESHOLDS_MM = (2.0, 2.5, 3.0, 4.0)
 
@@ -98,8 +99,8 @@ def bland_altman_plot(errors: pd.DataFrame, predicted_column: str, path: str) ->
 
 def evaluate_predictions(predictions_dir: str, manifest_path: str, output_dir: str) -> dict[str, float]:
     """`fetalpipe evaluate`: join predictions to the reference manifest by image path, write the report."""
-    from fetalpipe.predictions import REVIEW_SIGNAL_COLUMNS, read_predictions
-    from fetalpipe.manifest import landmarks_original_px, load_manifest
+    from fetalpipe.data.manifest import landmarks_original_px, load_manifest
+    from fetalpipe.pipeline.predictions import REVIEW_SIGNAL_COLUMNS, read_predictions
 
     reference = load_manifest(manifest_path, require_landmarks=True)
     predictions = read_predictions(predictions_dir)

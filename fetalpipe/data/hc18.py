@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from fetalpipe.biometry import canonical_order, ramanujan_perimeter
+from fetalpipe.measure.biometry import canonical_order, ramanujan_perimeter
 
 ANNOTATION_EDGE_OFFSET_PX = 1.0
 SPACING_CSV = "training_set_pixel_size_and_HC.csv"
@@ -83,7 +83,7 @@ def import_hc18(hc18_dir: str) -> pd.DataFrame:
 
 def hc_reproduction_error_mm(manifest: pd.DataFrame) -> np.ndarray:
     """Per-image |Ramanujan HC from written endpoints - published HC| in mm (the importer's check)."""
-    from fetalpipe.manifest import landmarks_original_px
+    from fetalpipe.data.manifest import landmarks_original_px
 
     points = landmarks_original_px(manifest)
     semi_major = np.linalg.norm(points[:, 0] - points[:, 1], axis=-1) / 2

@@ -17,8 +17,9 @@ import os
 import numpy as np
 import pandas as pd
 
-from fetalpipe import storage, svg_plots
-from fetalpipe.clinical import CENTILE_Z, hc_for_centile_mm
+from fetalpipe.measure.clinical import CENTILE_Z, hc_for_centile_mm
+from fetalpipe.pipeline import svg_plots
+from fetalpipe.runtime import storage
 
 MAX_GALLERY_IMAGES = 48
 MAX_ERROR_ROWS = 200
@@ -148,7 +149,7 @@ def _thumbnail_data_uri(row: dict, output_dir: str) -> str | None:
     """The run's overlay when it drew one, else the overlay drawn now; a JPEG data URI at THUMBNAIL_WIDTH_PX (None: unreadable)."""
     import cv2
 
-    from fetalpipe.overlays import overlay_filename, render_overlay
+    from fetalpipe.pipeline.overlays import overlay_filename, render_overlay
 
     overlay_path = storage.join(output_dir, "overlays", overlay_filename(str(row["image_path"])))
     try:
