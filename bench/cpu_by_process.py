@@ -63,8 +63,9 @@ def short_name(command: str, root_command: str) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if len(sys.argv) > 1 else 2)
     started = time.time()
     process = subprocess.Popen(sys.argv[1:])
     seen: dict[int, tuple[float, str]] = {}

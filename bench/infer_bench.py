@@ -2,7 +2,7 @@
 vs a plain single-process loop of the same model and settings, in one run on one machine.
 
     python bench/infer_bench.py --hc18 ../shared/data/hc18 --copies 3 --repeats 3
-    python bench/infer_bench.py --hc18 ../shared/data/hc18 --copies 15 --repeats 3 --results bench/results/infer_5k.json
+    python bench/infer_bench.py --hc18 ../shared/data/hc18 --copies 15 --repeats 3 --results bench/results/infer_5k_stage1_0.1.0.json
 
 Each repeat runs every variant of `fetalpipe infer`, the plain loop and the seed loop back to back;
 the table shows medians over repeats, and ratios are medians of the per-repeat ratios.

@@ -54,7 +54,7 @@ pstats.Stats(profile).sort_stats("cumulative").print_stats(r"ray/_private/(node|
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()

@@ -18,7 +18,7 @@ import pandas as pd
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
     parser.add_argument("--targets", type=float, nargs="+", default=[10.0, 5.0, 3.0, 2.5, 2.0, 1.8], help="val HC MAE (mm)")
     args = parser.parse_args()

@@ -380,7 +380,7 @@ def run_inference(options: InferOptions) -> dict:
     # Read once; after the run only the new files are read. A dry run reads only the columns the plan needs.
     existing = read_predictions(output_dir, columns=list(RESUME_COLUMNS) if options.dry_run else None)
     done = existing
-    if len(existing) and not options.overwrite:  # rows written before the precision column existed were fp32
+    if len(existing) and not options.overwrite:  # rows without a precision column (written by 0.1.0) were fp32
         row_precision = existing["precision"].fillna("fp32") if "precision" in existing else "fp32"
         done = existing[(existing["model_sha256"] == model_sha256) & (row_precision == precision)]
     pending, unreadable = plan(inputs, done.iloc[:0] if options.overwrite else done)

@@ -1,6 +1,6 @@
 """The review flag's curve: share of images flagged against share of the images above 5 mm HC error that it catches.
 
-    python bench/review_curve.py --model fetalpipe/assets/model.pt \
+    python studies/review_curve.py --model fetalpipe/assets/model.pt \
         --train-errors runs/refine_one/model_calibrated.pt.calibration/report/per_image_errors.csv \
         --set validation=runs/val_pred/report/per_image_errors.csv \
         --set variants='runs/robustness/predictions/*/report/per_image_errors.csv'
@@ -10,7 +10,7 @@ the calibrated model; the errors are taken after the model's size line, as `cali
 (`review.ReviewRule.fit`), then applied to each labelled set given by `--set NAME=GLOB` (evaluate's per-image CSVs,
 which carry the signals). The row marked "shipped" is the rule stored in --model. For comparison: flagging the
 lowest-confidence images alone (stage 1's map confidence), at the same share. Prints the table and writes
-bench/results/review_curve.json (or --results)."""
+studies/results/review_curve.json (or --results)."""
 
 from __future__ import annotations
 

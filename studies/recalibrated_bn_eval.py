@@ -6,10 +6,10 @@ scores the same weights again: over all un-augmented training images, and over 2
 images in training-size batches (what averaging the running statistics over whole epochs would give). Neither depends on which batches
 happened to come last, so they compare configurations and epochs without that noise.
 
-    python bench/recalibrated_bn_eval.py --manifest runs/hc18.csv runs/deep_full runs/shipped_full
-    python bench/recalibrated_bn_eval.py --manifest runs/hc18.csv --last 0 runs/deep_full runs/shipped_full --average-last 3 6 10 15
+    python studies/recalibrated_bn_eval.py --manifest runs/hc18.csv runs/deep_full runs/shipped_full
+    python studies/recalibrated_bn_eval.py --manifest runs/hc18.csv --last 0 runs/deep_full runs/shipped_full --average-last 3 6 10 15
 
-Prints one line per (run, checkpoint) and writes bench/results/recalibrated_bn.json."""
+Prints one line per (run, checkpoint) and writes studies/results/recalibrated_bn.json."""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """Does the size calibration generalise? For each trained run: fit it on the run's training split
 (`fetalpipe calibrate`), then measure the validation split with the model as trained and as calibrated.
 
-    python bench/size_calibration.py --manifest runs/hc18.csv runs/deep_full runs/shipped_full runs/attn_full \
+    python studies/size_calibration.py --manifest runs/hc18.csv runs/deep_full runs/shipped_full runs/attn_full \
         runs/soft_edge_full runs/full_res runs/noaug_full
 
 Each RUN_DIR holds a `model.pt` trained on MANIFEST's training split. Validation is the same split by subject_id that
 training held out, so the line is fitted on images the validation figures never saw. Also prints the mean HC error by quarter
 of pixel spacing (the bias the line corrects), for the labels themselves and for each run. Prints a table and writes
-bench/results/size_calibration.json (and, per run, RUN_DIR/model_calibrated.pt)."""
+studies/results/size_calibration.json (and, per run, RUN_DIR/model_calibrated.pt)."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ cosine schedule and the validation metric (HC MAE of the fitted ellipse on the 1
 What differs: no Ray; one process steps on the global batch (batch_size × 2 workers = 16, what DDP averages
 over), so BatchNorm sees 16 images a step instead of 8; images are the library's resize, stored as uint8.
 
-    python bench/gpu_sweep.py build-cache --manifest runs/hc18.csv --output runs/gpu_cache/hc18_256.npz
-    python bench/gpu_sweep.py run --cache runs/gpu_cache/hc18_256.npz --output OUT [--processes 4] [--deadline-s 480]
+    python studies/gpu_sweep.py build-cache --manifest runs/hc18.csv --output runs/gpu_cache/hc18_256.npz
+    python studies/gpu_sweep.py run --cache runs/gpu_cache/hc18_256.npz --output OUT [--processes 4] [--deadline-s 480]
 
 `run` starts PROCESSES copies of itself; each takes every PROCESSES-th (recipe, seed) in priority order and
 appends one JSON line per finished run to OUT/sweep-<index>.jsonl; `summarize OUT... [--json FILE]` prints the table."""

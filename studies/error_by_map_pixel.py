@@ -6,11 +6,11 @@ If a model's edge error is a fixed fraction of a map pixel, its HC error in mm g
 A second table tests another explanation of the large errors: heads that the frame or the edge of the ultrasound sector cuts
 (the reference outline runs off the image, or over the black outside the sector), which leave the model only part of the skull.
 
-    python bench/error_by_map_pixel.py --manifest runs/hc18_val.csv runs/val_report_deep:128 runs/val_report_full_res:256 runs/val_report_deep_cal:128
+    python studies/error_by_map_pixel.py --manifest runs/hc18_val.csv runs/val_report_deep:128 runs/val_report_full_res:256 runs/val_report_deep_cal:128
 
 Each REPORT:MAP_SIZE is an evaluate output folder and the side of its model's output map. Quartiles are fixed by the
 first report's 128-pixel map size, so every report is grouped over the same images. Prints the tables and writes
-bench/results/error_by_map_pixel.json."""
+studies/results/error_by_map_pixel.json."""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """Robustness: the validation images as archives hold scans, each variant measured like the clean images.
 
-    python bench/robustness.py --manifest runs/hc18_val.csv --model fetalpipe/assets/model.pt --output runs/robustness
+    python studies/robustness.py --manifest runs/hc18_val.csv --model fetalpipe/assets/model.pt --output runs/robustness
 
 Every variant is built from the validation split, with the landmarks and the pixel spacing moved along with the
 image (so the reference HC is unchanged): a scanner screenshot (the image inside a larger frame with text, a
 greyscale bar and margins), rotations by 90°, 180° and 37° (the 90° and 37° frames are portrait or larger), heavier
 speckle and noise, brighter and darker gain and gamma, JPEG at quality 30, and half and double resolution.
 Each goes through `fetalpipe infer` and `fetalpipe evaluate` in one Ray session. The goal: HC MAE within +0.3 mm of
-the clean images, and no head lost. Prints the table and writes bench/results/robustness.json (or --results),
+the clean images, and no head lost. Prints the table and writes studies/results/robustness.json (or --results),
 including the review flag's catch on every variant (`docs/experiments.md`)."""
 
 from __future__ import annotations
