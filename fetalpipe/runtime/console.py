@@ -85,10 +85,11 @@ class Progress:
 
             from tqdm import tqdm
 
-            # A terminal that reports no width (some pseudo-terminals say 0 columns) gets a fixed 100-column bar.
-            width_known = shutil.get_terminal_size(fallback=(0, 0)).columns >= 40
-            self.bar = tqdm(total=self.total, unit=unit, desc=description, file=self.stream, dynamic_ncols=width_known,
-                            ncols=None if width_known else 100, smoothing=0.05)
+            # A pseudo-terminal that reports no size (0 x 0) gets a fixed 100-column bar: with 0 rows tqdm draws nothing.
+            size = shutil.get_terminal_size(fallback=(0, 0))
+            size_known = size.columns >= 40 and size.lines >= 2
+            self.bar = tqdm(total=self.total, unit=unit, desc=description, file=self.stream, dynamic_ncols=size_known,
+                            ncols=None if size_known else 100, nrows=None if size_known else 20, smoothing=0.05)
 
     def update(self, count: int, counters: dict[str, int] | None = None) -> None:
         with self.lock:
