@@ -1,11 +1,14 @@
 """`fetalpipe infer --dry-run` at archive scale: wall time and peak memory of planning a 1,000,000-row manifest against an
-output that already holds 500,000 done rows (the resume check included).
+output that already holds 500,000 done rows (the resume check included). With `--rerun`: every row is done, and a real
+`fetalpipe infer` (no `--dry-run`) runs the driver's whole end of a run at that size: reading every stored row, the
+CSV and the report (no Ray is started, since nothing is left to process).
 
 Why: a dry run is how a user checks a night's job before starting it; it must stay quick and small however large the
 archive is. The paths are made up (planning does not read images): each is a stat that finds no file, so the dry run
 also lists 500,000 errors it can already see, the pending rows whose files are missing.
 
     python bench/dry_run_bench.py [--rows 1000000] [--done 500000] [--json bench/results/dry_run.json]
+    python bench/dry_run_bench.py --rerun [--rows 1000000] [--json bench/results/rerun_1m.json]
 """
 
 from __future__ import annotations
@@ -51,19 +54,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--done", type=int, default=500_000)
+    parser.add_argument("--rerun", action="store_true", help="every row done; a real run instead of a dry run")
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args()
+    if args.rerun:
+        args.done = args.rows
     with tempfile.TemporaryDirectory() as folder:
         manifest, output = build(folder, args.rows, args.done)
         started = time.perf_counter()
-        completed = subprocess.run([sys.executable, "-m", "fetalpipe.cli", "infer", "--manifest", manifest, "--output", output, "--dry-run"],
+        completed = subprocess.run([sys.executable, "-m", "fetalpipe.cli", "infer", "--manifest", manifest, "--output", output,
+                                    *([] if args.rerun else ["--dry-run"])],
                                    capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
         seconds = time.perf_counter() - started
         if completed.returncode != 0:
             sys.exit(completed.stdout + completed.stderr)
         written = sorted(os.listdir(output))
     result = {
-        "rows": args.rows, "done_rows": args.done, "seconds": round(seconds, 1),
+        "mode": "rerun" if args.rerun else "dry run", "rows": args.rows, "done_rows": args.done, "seconds": round(seconds, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "output_folder_after": written, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),

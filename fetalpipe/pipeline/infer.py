@@ -413,7 +413,7 @@ def run_inference(options: InferOptions) -> dict:
     compact_if_needed(predictions_dir, stored)
     final = stored[stored["image_path"].isin(set(inputs["image_path"]))]
     csv_path = storage.join(output_dir, "predictions.csv")
-    storage.write_text(csv_path, final.sort_values("image_path").to_csv(index=False))
+    storage.write_chunks(csv_path, csv_chunks(final.sort_values("image_path")))
     summary = {
         "rows": int(len(final)), "ok": int((final["status"] == "ok").sum()), "error": int((final["status"] == "error").sum()),
         "needs_review": int(final["needs_review"].fillna(False).astype(bool).sum()) if "needs_review" in final else 0,
@@ -533,6 +533,12 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
     if progress.done != len(table):
         raise RuntimeError(f"inference wrote {progress.done} rows for {len(table)} inputs")
     return progress.counters
+
+
+def csv_chunks(table: pd.DataFrame, rows_per_chunk: int = 50_000):
+    """The table as CSV bytes, a chunk of rows at a time: a million-row CSV never exists as one string in memory."""
+    for start in range(0, max(len(table), 1), rows_per_chunk):
+        yield table.iloc[start:start + rows_per_chunk].to_csv(index=False, header=start == 0).encode("utf-8")
 
 
 def effective_batch_size(pending_rows: int, options: InferOptions) -> int:

@@ -72,6 +72,33 @@ def write_text(location: str, text: str) -> None:
     write_bytes(location, text.encode("utf-8"))
 
 
+def write_chunks(location: str, chunks) -> None:
+    """Write an iterable of bytes without holding it all in memory. On disk: a temporary name, then a rename. On an
+    object store: one streamed upload, visible when it completes; a failure mid-way deletes what was uploaded."""
+    if is_uri(location):
+        fs, path = filesystem(location)
+        try:
+            with fs.open_output_stream(path) as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
+        except BaseException:
+            if fs.get_file_info(path).type.name != "NotFound":
+                fs.delete_file(path)
+            raise
+        return
+    folder = os.path.dirname(os.path.abspath(location))
+    os.makedirs(folder, exist_ok=True)
+    partial = os.path.join(folder, f"_partial-{uuid.uuid4().hex}-{os.path.basename(location)}.tmp")
+    try:
+        with open(partial, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+        os.replace(partial, location)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
 def makedirs(location: str) -> None:
     """Local folders only: an object store has no folders, a prefix exists once an object is under it."""
     if not is_uri(location):
