@@ -1,7 +1,8 @@
 """`fetalpipe infer --dry-run` at archive scale: wall time and peak memory of planning a 1,000,000-row manifest against an
 output that already holds 500,000 done rows (the resume check included). With `--rerun`: every row is done, and a real
 `fetalpipe infer` (no `--dry-run`) runs the driver's whole end of a run at that size: reading every stored row, the
-CSV and the report (no Ray is started, since nothing is left to process).
+CSV and the report (no Ray is started, since nothing is left to process). With `--start`: the driver's start of a real
+run, Ray Data's input built from every pending row (`pipeline.infer.input_dataset`), in a fresh local Ray.
 
 Why: a dry run is how a user checks a night's job before starting it; it must stay quick and small however large the
 archive is. The paths are made up (planning does not read images): each is a stat that finds no file, so the dry run
@@ -9,6 +10,7 @@ also lists 500,000 errors it can already see, the pending rows whose files are m
 
     python bench/dry_run_bench.py [--rows 1000000] [--done 500000] [--json bench/results/dry_run.json]
     python bench/dry_run_bench.py --rerun [--rows 1000000] [--json bench/results/rerun_1m.json]
+    python bench/dry_run_bench.py --start [--rows 1000000] [--json bench/results/start_1m.json]
 """
 
 from __future__ import annotations
@@ -50,13 +52,40 @@ def build(folder: str, rows: int, done: int) -> tuple[str, str]:
     return manifest, output
 
 
+def measure_start(rows: int) -> dict:
+    """Peak RSS of this process (the driver) and seconds for building the input dataset of ROWS pending rows."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    from fetalpipe.pipeline.infer import InferOptions, input_dataset
+
+    paths = [f"/archive/{index // 1000:04d}/scan_{index:07d}.png" for index in range(rows)]
+    pending = pd.DataFrame({"image_path": paths, "subject_id": (np.arange(rows) // 2).astype(str), "pixel_spacing_mm": 0.15,
+                            "file_size_bytes": np.int64(250_000), "file_mtime_ns": np.int64(1_700_000_000_000_000_000)})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = time.perf_counter()
+    input_dataset(pending, InferOptions(output_dir="unused"), run_id="bench")
+    seconds = time.perf_counter() - started
+    ray.shutdown()
+    return {"mode": "start", "rows": rows, "seconds": round(seconds, 1), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--done", type=int, default=500_000)
     parser.add_argument("--rerun", action="store_true", help="every row done; a real run instead of a dry run")
+    parser.add_argument("--start", action="store_true", help="measure the start of a real run instead: the input dataset of ROWS pending rows")
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args()
+    if args.start:
+        result = {**measure_start(args.rows), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
+                  "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
+        print(json.dumps(result, indent=2))
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(result, handle, indent=2)
+        return
     if args.rerun:
         args.done = args.rows
     with tempfile.TemporaryDirectory() as folder:

@@ -481,14 +481,11 @@ def print_summary(summary: dict) -> None:
         f"{summary['processed_this_run']} processed in {summary['seconds']:.1f} s{rate}", summary["outputs"])
 
 
-def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str, input_size: int, predictions_dir: str, run_id: str,
-                  precision: str, keep_original: bool = False) -> dict[str, int]:
-    """Runs the pending rows through the actor pool and shows one progress display; returns its counters."""
+def input_dataset(pending: pd.DataFrame, options: InferOptions, run_id: str):
+    """The pending rows as a Ray Dataset, one block per batch, built in the driver: from_items needs no remote tasks
+    (from_pandas runs one per block before the actors can start)."""
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # ours (console.Progress) is the one display
-
-    from fetalpipe.pipeline.preprocess import decode_batch
     table = pending.copy()
     if "pixel_spacing_mm" not in table:
         table["pixel_spacing_mm"] = np.nan
@@ -497,11 +494,20 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
     table["run_id"] = run_id
     table["run_sequence"] = int(time.time() * 1000)
     table["row_index"] = np.arange(len(table))  # names each batch's file
-    # One block per batch (each stage maps a whole block), built in the driver: from_items needs no
-    # remote tasks (from_pandas runs one per block before the actors can start).
-    batch_size = effective_batch_size(len(table), options)
-    block_count = -(-len(table) // batch_size)
-    dataset = ray.data.from_items(table.to_dict("records"), override_num_blocks=block_count)
+    block_count = -(-len(table) // effective_batch_size(len(table), options))
+    return ray.data.from_items(table.to_dict("records"), override_num_blocks=block_count)
+
+
+def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str, input_size: int, predictions_dir: str, run_id: str,
+                  precision: str, keep_original: bool = False) -> dict[str, int]:
+    """Runs the pending rows through the actor pool and shows one progress display; returns its counters."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours (console.Progress) is the one display
+
+    from fetalpipe.pipeline.preprocess import decode_batch
+
+    dataset = input_dataset(pending, options, run_id)
     if options.decode_in == "tasks":
         dataset = dataset.map_batches(
             functools.partial(decode_batch, input_size=input_size, keep_original=keep_original), batch_format="numpy", batch_size=None, num_cpus=DECODE_CPUS,
@@ -520,7 +526,7 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
         num_cpus=MODEL_CPU_SHARE * options.threads_per_actor,
         batch_size=None, batch_format="numpy",
     )
-    progress = console.Progress(len(table), unit="img", description="infer")
+    progress = console.Progress(len(pending), unit="img", description="infer")
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             progress.update(int(batch["rows_written"].sum()), {"errors": int(batch["errors"].sum()), "need review": int(batch["needs_review"].sum())})
@@ -530,8 +536,8 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
         raise ActorStartError(f"the model actors could not start: {_last_exception(str(error))}") from error
     finally:
         progress.close()
-    if progress.done != len(table):
-        raise RuntimeError(f"inference wrote {progress.done} rows for {len(table)} inputs")
+    if progress.done != len(pending):
+        raise RuntimeError(f"inference wrote {progress.done} rows for {len(pending)} inputs")
     return progress.counters
 
 
