@@ -16,9 +16,7 @@ also lists 500,000 errors it can already see, the pending rows whose files are m
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -29,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_record import report  # noqa: E402  (bench/, the script's own folder)
 from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, file_sha256  # noqa: E402
 from fetalpipe.pipeline.predictions import OUTPUT_COLUMNS, ROWS_PER_COMPACTED_FILE  # noqa: E402
 
@@ -79,12 +78,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args()
     if args.start:
-        result = {**measure_start(args.rows), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
-                  "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
-        print(json.dumps(result, indent=2))
-        if args.json:
-            with open(args.json, "w") as handle:
-                json.dump(result, handle, indent=2)
+        report(measure_start(args.rows), args.json)
         return
     if args.rerun:
         args.done = args.rows
@@ -101,14 +95,9 @@ def main() -> None:
     result = {
         "mode": "rerun" if args.rerun else "dry run", "rows": args.rows, "done_rows": args.done, "seconds": round(seconds, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
-        "output_folder_after": written, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "console_tail": completed.stdout.strip().splitlines()[-4:],
+        "output_folder_after": written, "console_tail": completed.stdout.strip().splitlines()[-4:],
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    report(result, args.json)
 
 
 if __name__ == "__main__":

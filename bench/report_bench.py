@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_record import report  # noqa: E402  (bench/, the script's own folder)
 from fetalpipe import LANDMARK_COLUMNS  # noqa: E402
 from fetalpipe.measure.biometry import biometry_mm  # noqa: E402
 from fetalpipe.measure.clinical import clinical_columns  # noqa: E402
@@ -68,13 +67,8 @@ def main() -> None:
         result = {
             "rows": args.rows, "seconds": round(seconds, 2), "report_mb": round(os.path.getsize(path) / 1e6, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
+import time
 
 
 def _cmd_import_hc18(args) -> int:
@@ -31,11 +31,9 @@ def _cmd_import_hc18(args) -> int:
 def _cmd_train(args) -> int:
     from fetalpipe.model.config import resolve_config
     from fetalpipe.pipeline.train import run_training
-    from fetalpipe.runtime import storage
+    from fetalpipe.runtime import console, storage
 
     config = resolve_config(args.config, {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr})
-    from fetalpipe.runtime import console
-
     result = run_training(
         args.manifest, args.output, config, workers=args.workers, threads_per_worker=args.threads_per_worker,
         max_failures=args.max_failures, ray_address=args.address, stage1_model=args.stage1_model, verbose=args.verbose,
@@ -98,8 +96,8 @@ def _cmd_calibrate(args) -> int:
     from fetalpipe.pipeline.calibrate import calibrate_model
     from fetalpipe.runtime import console
 
-    log_folder = os.path.join(tempfile.gettempdir(), "fetalpipe-logs") if "://" in args.output else os.path.join(os.path.dirname(os.path.abspath(args.output)), "logs")
-    with console.ray_logs_to_file(os.path.join(log_folder, "ray.log"), args.verbose):
+    output_folder = args.output.rsplit("/", 1)[0] if "://" in args.output else os.path.dirname(os.path.abspath(args.output))
+    with console.ray_logs_to_file(console.ray_log_location(output_folder, f"calibrate-{time.strftime('%Y%m%dT%H%M%S')}.log"), args.verbose):
         summary = calibrate_model(args.model, args.manifest, args.output, ray_address=args.address)
     print(f"HC error on the training split = {summary['intercept_mm']:+.3f} mm {summary['slope']:+.5f} × HC; "
           f"HC MAE {summary['train_hc_mae_mm_before']:.3f} -> {summary['train_hc_mae_mm_after']:.3f} mm over {summary['images']} images")

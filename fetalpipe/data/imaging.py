@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from fetalpipe.runtime import storage
+
 DICOM_MAGIC_OFFSET = 128
 
 
@@ -89,17 +91,15 @@ def decode_image(data: bytes) -> DecodedImage:
 
 def read_bytes(path: str) -> bytes:
     """Read a local file or a pyarrow-filesystem URI (s3://, gs://, …), naming what is wrong."""
-    if "://" in path:
+    if storage.is_uri(path):
         import pyarrow.fs
 
-        filesystem, inner_path = pyarrow.fs.FileSystem.from_uri(path)
-        info = filesystem.get_file_info(inner_path)
-        if info.type == pyarrow.fs.FileType.NotFound:
+        kind = storage.file_info(path).type
+        if kind == pyarrow.fs.FileType.NotFound:
             raise ImageDecodeError(f"file not found: {path}")
-        if info.type == pyarrow.fs.FileType.Directory:
+        if kind == pyarrow.fs.FileType.Directory:
             raise ImageDecodeError(f"is a directory, not an image file: {path}")
-        with filesystem.open_input_file(inner_path) as handle:
-            return handle.read()
+        return storage.read_bytes(path)
     if not os.path.exists(path):
         raise ImageDecodeError(f"file not found: {path}")
     if os.path.isdir(path):

@@ -15,8 +15,8 @@ import json
 import os
 import platform
 import re
+import stat
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -107,22 +107,23 @@ def content_hash(path: str) -> str:
 
 
 def file_stats(paths) -> tuple[np.ndarray, np.ndarray]:
-    """(size in bytes, modification time in ns) per path, -1 where it cannot be read: one stat each (one listing call
-    for object-store paths), so a rerun tells unchanged files from changed ones without reading them."""
+    """(size in bytes, modification time in ns) per path, -1 where it is not a readable file: one stat each (one call
+    for all object-store paths), so a rerun tells unchanged files from changed ones without reading them."""
     import pyarrow.fs
 
     paths = list(paths)
     sizes, mtimes = np.full(len(paths), -1, dtype=np.int64), np.full(len(paths), -1, dtype=np.int64)
-    remote = [index for index, path in enumerate(paths) if storage.is_uri(path)]
+    remote = []
     for index, path in enumerate(paths):
-        if remote and storage.is_uri(path):
+        if storage.is_uri(path):
+            remote.append(index)
             continue
         try:
-            stat = os.stat(path)
+            status = os.stat(path)
         except (OSError, ValueError):
             continue
-        if not os.path.isdir(path):
-            sizes[index], mtimes[index] = stat.st_size, stat.st_mtime_ns
+        if stat.S_ISREG(status.st_mode):
+            sizes[index], mtimes[index] = status.st_size, status.st_mtime_ns
     if remote:
         fs, _ = storage.filesystem(paths[remote[0]])
         try:
@@ -366,6 +367,7 @@ def run_inference(options: InferOptions) -> dict:
     inputs = collect_inputs(options.manifest, options.input_glob)
     output_dir = storage.absolute(options.output_dir)
     predictions_dir = storage.join(output_dir, "predictions")
+    overlay_dir = storage.join(output_dir, "overlays") if options.overlays else None
     if not options.dry_run:
         check_writable(output_dir)
         if options.overwrite:
@@ -379,15 +381,14 @@ def run_inference(options: InferOptions) -> dict:
     existing_files = frozenset(storage.list_files(predictions_dir, ".parquet"))
     # Read once; after the run only the new files are read. A dry run reads only the columns the plan needs.
     existing = read_predictions(output_dir, columns=list(RESUME_COLUMNS) if options.dry_run else None)
-    done = existing
-    if len(existing) and not options.overwrite:  # rows without a precision column (written by 0.1.0) were fp32
-        row_precision = existing["precision"].fillna("fp32") if "precision" in existing else "fp32"
-        done = existing[(existing["model_sha256"] == model_sha256) & (row_precision == precision)]
-    pending, unreadable = plan(inputs, done.iloc[:0] if options.overwrite else done)
+    done = existing.iloc[:0] if options.overwrite else existing  # a dry run with --overwrite has not deleted them
+    if len(done):  # rows without a precision column (written by 0.1.0) were fp32
+        row_precision = done["precision"].fillna("fp32") if "precision" in done else "fp32"
+        done = done[(done["model_sha256"] == model_sha256) & (row_precision == precision)]
+    pending, unreadable = plan(inputs, done)
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     hint = " (this model file has no int8 parameters: `fetalpipe calibrate` adds them)" if options.precision == "auto" and precision == "fp32" else ""
-    # Ray's log is a local file (an object cannot be appended to): beside the outputs, or in the temp folder.
-    log_path = os.path.join(tempfile.gettempdir(), "fetalpipe-logs", f"ray-{run_id}.log") if storage.is_uri(output_dir) else os.path.join(output_dir, "logs", "ray.log")
+    log_path = console.ray_log_location(output_dir, f"ray-{run_id}.log")
     console.header("infer --dry-run" if options.dry_run else "infer", {
         "input": f"{options.manifest or options.input_glob}: {len(inputs)} images, {len(inputs) - len(pending)} already done, {len(pending)} to process",
         "model": f"{model_path} (sha256 {model_sha256[:12]}…, {precision}{hint})",
@@ -403,17 +404,17 @@ def run_inference(options: InferOptions) -> dict:
         with console.ray_logs_to_file(log_path, options.verbose):
             connect(options.ray_address)
             pipeline_started = time.perf_counter()
-            _run_pipeline(pending, options, model_path, model_config["input_size"], predictions_dir, run_id, precision,
-                                     keep_original=model_config.get("refinement") is not None)
+            _run_pipeline(pending, options, model_path, model_config["input_size"], predictions_dir, overlay_dir, run_id, precision,
+                          keep_original=model_config.get("refinement") is not None)
             pipeline_seconds = time.perf_counter() - pipeline_started
 
     # The Parquet folder keeps the newest row of every image ever written to it; the CSV shows this manifest's images.
     stored = newest_per_image([existing, read_predictions(output_dir, skip_files=existing_files)])
     stored = stored[[c for c in OUTPUT_COLUMNS if c in stored] + [c for c in stored if c not in OUTPUT_COLUMNS]]
     compact_if_needed(predictions_dir, stored)
-    final = stored[stored["image_path"].isin(set(inputs["image_path"]))]
+    final = stored[stored["image_path"].isin(set(inputs["image_path"]))].sort_values("image_path")
     csv_path = storage.join(output_dir, "predictions.csv")
-    storage.write_chunks(csv_path, csv_chunks(final.sort_values("image_path")))
+    storage.write_chunks(csv_path, csv_chunks(final))
     summary = {
         "rows": int(len(final)), "ok": int((final["status"] == "ok").sum()), "error": int((final["status"] == "error").sum()),
         "needs_review": int(final["needs_review"].fillna(False).astype(bool).sum()) if "needs_review" in final else 0,
@@ -426,17 +427,17 @@ def run_inference(options: InferOptions) -> dict:
         "options": asdict(options), "model_path": model_path, "model_sha256": model_sha256,
         "precision": precision, "versions": _versions(), "counts": {k: summary[k] for k in ("rows", "ok", "error", "needs_review", "processed_this_run")},
         "timings": {k: summary[k] for k in ("seconds", "pipeline_seconds", "images_per_second")},
+        "command": " ".join(["fetalpipe", *sys.argv[1:]]) if os.path.basename(sys.argv[0]) == "fetalpipe" else " ".join(sys.argv),
+        "input": options.manifest or options.input_glob,
     }
-    run_record["command"] = " ".join(["fetalpipe", *sys.argv[1:]]) if os.path.basename(sys.argv[0]) == "fetalpipe" else " ".join(sys.argv)
-    run_record["input"] = options.manifest or options.input_glob
     storage.write_text(storage.join(output_dir, "run.json"), json.dumps(run_record, indent=2, default=str))
     outputs = {"predictions.csv": csv_path, "predictions/": predictions_dir + "/", "run.json": storage.join(output_dir, "run.json")}
     if options.report:
         from fetalpipe.pipeline.report import write_report
 
-        outputs["report.html"] = write_report(output_dir)
-    if options.overlays:
-        outputs["overlays/"] = storage.join(output_dir, "overlays") + "/"
+        outputs["report.html"] = write_report(output_dir, predictions=final, run=run_record)
+    if overlay_dir:
+        outputs["overlays/"] = overlay_dir + "/"
     if len(pending) and not options.verbose:
         outputs["Ray log"] = log_path
     summary["outputs"] = outputs
@@ -498,8 +499,8 @@ def input_dataset(pending: pd.DataFrame, options: InferOptions, run_id: str):
     return ray.data.from_items(table.to_dict("records"), override_num_blocks=block_count)
 
 
-def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str, input_size: int, predictions_dir: str, run_id: str,
-                  precision: str, keep_original: bool = False) -> dict[str, int]:
+def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str, input_size: int, predictions_dir: str, overlay_dir: str | None,
+                  run_id: str, precision: str, keep_original: bool = False) -> dict[str, int]:
     """Runs the pending rows through the actor pool and shows one progress display; returns its counters."""
     import ray.data
 
@@ -512,10 +513,8 @@ def _run_pipeline(pending: pd.DataFrame, options: InferOptions, model_path: str,
         dataset = dataset.map_batches(
             functools.partial(decode_batch, input_size=input_size, keep_original=keep_original), batch_format="numpy", batch_size=None, num_cpus=DECODE_CPUS,
         )
-    overlay_dir = None
-    if options.overlays:
-        overlay_dir = storage.join(predictions_dir.rstrip("/").rsplit("/", 1)[0] if storage.is_uri(predictions_dir) else os.path.dirname(predictions_dir), "overlays")
-        os.makedirs(overlay_dir, exist_ok=True)
+    if overlay_dir:
+        storage.makedirs(overlay_dir)
     dataset = dataset.map_batches(
         LandmarkPredictor,
         fn_constructor_kwargs={

@@ -36,11 +36,14 @@ img.thumbnail { width: 320px; height: auto; } .plots { display: flex; flex-wrap:
 """
 
 
-def write_report(output_dir: str) -> str:
-    """Read OUT/predictions.csv and OUT/run.json, write OUT/report.html (atomically); returns its path."""
-    predictions = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(output_dir, "predictions.csv"))), dtype={"error": str, "review_reason": str})
-    run_path = storage.join(output_dir, "run.json")
-    run = json.loads(storage.read_bytes(run_path)) if storage.exists(run_path) else {}
+def write_report(output_dir: str, predictions: pd.DataFrame | None = None, run: dict | None = None) -> str:
+    """Write OUT/report.html (atomically) from the run's rows and record; returns its path. `infer` passes the ones it has
+    just written; otherwise they are read from OUT/predictions.csv and OUT/run.json."""
+    if predictions is None:
+        predictions = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(output_dir, "predictions.csv"))), dtype={"error": str, "review_reason": str})
+    if run is None:
+        run_path = storage.join(output_dir, "run.json")
+        run = json.loads(storage.read_bytes(run_path)) if storage.exists(run_path) else {}
     path = storage.join(output_dir, "report.html")
     storage.write_text(path, render_report(predictions, run, output_dir))
     return path
@@ -66,7 +69,7 @@ def render_report(predictions: pd.DataFrame, run: dict, output_dir: str) -> str:
         outside = ok[(centile < 3) | (centile > 97)]
         sections.append(_gallery("Outside the INTERGROWTH-21st 3rd–97th centiles", "outside-centiles", outside, output_dir, "hc_centile_intergrowth21"))
     links = ["<a href='predictions.csv'>predictions.csv</a>", "<a href='predictions/'>predictions/</a> (Parquet)"]
-    if storage.list_files(storage.join(output_dir, "overlays"), ".png"):
+    if storage.exists(storage.join(output_dir, "overlays")):
         links.append("<a href='overlays/'>overlays/</a>")
     sections.append("<h2>Outputs</h2><p>" + " · ".join(links) + "</p>")
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>fetalpipe report</title><style>{STYLE}</style></head>"

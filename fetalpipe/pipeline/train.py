@@ -413,9 +413,7 @@ def run_training(
             raise ValueError("--stage1-model needs a configuration with a refinement stage (e.g. ellipse_refine)")
         config = _stage1_from_file(stage1_model, run_dir, config)
     _write_or_check_config(run_dir, config)
-    # Ray's log is a local file (an object cannot be appended to): in RUN_DIR, or in the temp folder for a URI.
-    log_path = (os.path.join(tempfile.gettempdir(), "fetalpipe-logs", f"train-{time.strftime('%Y%m%dT%H%M%S')}.log") if storage.is_uri(run_dir)
-                else os.path.join(run_dir, "logs", "ray.log"))
+    log_path = console.ray_log_location(run_dir, f"train-{time.strftime('%Y%m%dT%H%M%S')}.log")
     stages = ([] if stage1_model else [f"stage 1, {config.epochs} epochs"]) + ([f"refinement stage, {config.refinement.epochs} epochs"] if config.refinement else [])
     console.header("train", {
         "manifest": f"{manifest_path}: {len(table)} labelled images, split by subject_id ({config.val_fraction:.0%} validation)",

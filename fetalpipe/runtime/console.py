@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import threading
 import time
 
@@ -51,14 +52,21 @@ def ray_logs_to_file(log_path: str, verbose: bool = False):
             _redirected = False
 
 
+def ray_log_location(output_folder: str, name: str) -> str:
+    """Where a command's Ray log goes: OUTPUT_FOLDER/logs/ray.log, or, for an object-store output (an object cannot be
+    appended to), NAME in a local folder under the temp directory."""
+    if "://" in str(output_folder):
+        return os.path.join(tempfile.gettempdir(), "fetalpipe-logs", name)
+    return os.path.join(os.path.abspath(output_folder), "logs", "ray.log")
+
+
 def header(command: str, fields: dict[str, object]) -> None:
     """`fetalpipe COMMAND` and one aligned line per field."""
-    width = max((len(name) for name in fields), default=0)
-    lines = [f"fetalpipe {command}"] + [f"  {name:<{width}}  {value}" for name, value in fields.items()]
-    print("\n".join(lines), flush=True)
+    summary(f"fetalpipe {command}", fields)
 
 
 def summary(title: str, fields: dict[str, object]) -> None:
+    """TITLE and one aligned line per field."""
     width = max((len(name) for name in fields), default=0)
     print("\n".join([title] + [f"  {name:<{width}}  {value}" for name, value in fields.items()]), flush=True)
 

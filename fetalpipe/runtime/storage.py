@@ -54,18 +54,7 @@ def read_bytes(location: str) -> bytes:
 
 def write_bytes(location: str, data: bytes) -> None:
     """The whole object or file appears at once, or not at all (see the module docstring)."""
-    if is_uri(location):
-        fs, path = filesystem(location)
-        with fs.open_output_stream(path) as handle:
-            handle.write(data)
-        return
-    folder = os.path.dirname(os.path.abspath(location))
-    os.makedirs(folder, exist_ok=True)
-    # A leading "_": dataset readers (and `list_files`) skip it, so a crash mid-write never leaves a readable part.
-    partial = os.path.join(folder, f"_partial-{uuid.uuid4().hex}-{os.path.basename(location)}.tmp")
-    with open(partial, "wb") as handle:
-        handle.write(data)
-    os.replace(partial, location)
+    write_chunks(location, [data])
 
 
 def write_text(location: str, text: str) -> None:
@@ -88,6 +77,7 @@ def write_chunks(location: str, chunks) -> None:
         return
     folder = os.path.dirname(os.path.abspath(location))
     os.makedirs(folder, exist_ok=True)
+    # A leading "_": dataset readers (and `list_files`) skip it, so a crash mid-write never leaves a readable part.
     partial = os.path.join(folder, f"_partial-{uuid.uuid4().hex}-{os.path.basename(location)}.tmp")
     try:
         with open(partial, "wb") as handle:
