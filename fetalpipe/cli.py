@@ -67,7 +67,7 @@ def _calibrate_after_training(trained: str, args) -> str | None:
     except ValueError as error:
         print(f"fetalpipe train: not calibrated ({error}); `infer` runs {trained} in fp32 without a size correction", flush=True)
         return None
-    print(f"calibrated: int8, size line {summary['intercept_mm']:+.3f} mm {summary['slope']:+.5f} × HC, review thresholds", flush=True)
+    print(f"calibrated: int8, size line {summary['intercept_mm']:+.3f} mm {summary['slope']:+.5f} × HC, review rule", flush=True)
     return calibrated
 
 

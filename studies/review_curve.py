@@ -67,7 +67,7 @@ def main() -> None:
         rules.append(("shipped", shipped))
     rows = []
     for label, rule in rules:
-        row = {"rule": label, "thresholds": rule.thresholds}
+        row = {"rule": label, **rule.to_dict()}
         for name, table in {"train": train, **sets}.items():
             curve = catch_curve(table, table["hc_ellipse_diff_mm"].abs().to_numpy(), rule)
             row[name] = {**curve, "lowest_confidence_caught_fraction": lowest_confidence_catch(table, curve["flagged_fraction"])}

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from fetalpipe.data.augment import ARCHIVE_AUGMENT, AcquisitionAugmentConfig, AugmentConfig, degrade_acquisition, degrade_intensity, random_affine
+from fetalpipe.data.augment import (ARCHIVE_AUGMENT, AcquisitionAugmentConfig, AugmentConfig, degrade_acquisition, degrade_intensity, random_affine,
+                                   random_screenshot)
 
 
 def _blob_centre(image):
@@ -44,3 +45,23 @@ def test_acquisition_degradations_keep_shape_type_and_range():
     assert degraded.shape == pixels.shape and degraded.dtype == np.uint8 and not np.array_equal(degraded, pixels)
     crop = degrade_intensity(rng.random((32, 16)).astype(np.float32), config, rng)
     assert crop.dtype == np.float32 and crop.min() >= 0.0 and crop.max() <= 1.0
+
+
+def test_screenshot_shrinks_the_frame_into_a_canvas_and_moves_each_landmark_with_it():
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        image = np.full((256, 256), 0.3, np.float32)
+        image[120:130, 60:70] = 1.0  # a blob at (64.5, 124.5)
+        points = np.array([[64.5, 124.5], [0.0, 0.0], [255.0, 255.0], [128.0, 128.0]])
+        canvas, moved = random_screenshot(image, points, rng)
+        assert canvas.shape == image.shape and canvas.dtype == np.float32
+        blob = canvas > 0.99  # the canvas is darker than the image; text and the bar are drawn outside the image
+        import cv2
+
+        content = (np.abs(canvas - 0.3) < 0.002).astype(np.uint8)  # text is drawn in 8-bit steps, none of them 0.3
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(content)
+        ys, xs = np.nonzero(labels == 1 + np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        assert np.ptp(xs) < 0.9 * 256 and np.ptp(ys) < 0.9 * 256  # shrunk: margins for the screen around it
+        near = np.hypot(*(np.stack(np.nonzero(blob)[::-1]) - moved[0][:, None]))
+        assert near.min() < 1.5
+        assert xs.min() - 1 <= moved[1][0] and moved[2][0] <= xs.max() + 1  # the frame's corners stay the content's corners

@@ -13,7 +13,7 @@ def test_shipped_model_is_small_and_loadable():
     assert os.path.getsize(DEFAULT_MODEL_PATH) <= 12 * 1024 * 1024  # both stages' weights in fp32, committed in the repo
     _, config, payload = load_model()
     assert payload["training"]["epochs_run"] >= 1 and config.input_size == 256
-    assert config.refinement is not None and payload["review"]["thresholds"]  # the shipped model has both stages and a review rule
+    assert config.refinement is not None and payload["review"]["kind"] == "logistic"  # the shipped model has both stages and a review rule
 
 
 def test_demo_measures_the_sample(ray_local, tmp_path, capsys):

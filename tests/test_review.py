@@ -31,7 +31,21 @@ def test_fit_catches_the_large_errors_a_signal_shows_within_the_flag_budget():
     curve = catch_curve(table, errors, rule)
     assert curve["flagged_fraction"] <= 0.10
     assert curve["caught_fraction"] == 1.0
-    assert "stage_disagreement_mm" in rule.thresholds
+    # The signal that shows the large errors carries the largest weight.
+    assert rule.signals[int(np.argmax(np.abs(rule.weights)))] == "stage_disagreement_mm"
+
+
+def test_fit_combines_two_signals_that_each_show_half_the_failures():
+    table, errors = _signals(seed=3)
+    bad = np.flatnonzero(errors > 5)
+    table.loc[bad, "stage_disagreement_mm"] = table["stage_disagreement_mm"].median()  # undo the planted signal
+    table.loc[bad[:10], "outline_spread_mm"] = 2.0
+    table.loc[bad[10:], "head_size_fraction"] = 0.05  # small in its frame: a low value raises the score
+    rule = ReviewRule.fit(table, errors, max_flagged_fraction=0.08)
+    curve = catch_curve(table, errors, rule)
+    assert curve["caught_fraction"] == 1.0 and curve["flagged_fraction"] <= 0.08
+    weights = dict(zip(rule.signals, rule.weights))
+    assert weights["outline_spread_mm"] > 0 and weights["head_size_fraction"] < 0
 
 
 def test_fit_on_one_split_generalises_to_another_drawn_alike():
@@ -42,31 +56,46 @@ def test_fit_on_one_split_generalises_to_another_drawn_alike():
     assert curve["caught_fraction"] >= 0.9 and curve["flagged_fraction"] <= 0.15
 
 
-def test_apply_names_every_signal_that_passed_its_threshold():
-    rule = ReviewRule(thresholds={"stage_disagreement_mm": 0.02, "axis_ratio": 0.6})
-    table = pd.DataFrame({"stage_disagreement_mm": [0.01, 0.03, 0.05, np.nan], "axis_ratio": [0.8, 0.8, 0.5, 0.8]})
-    needs_review, reasons = rule.apply(table)
-    assert needs_review.tolist() == [False, True, True, False]
-    assert reasons[0] == "" and reasons[3] == ""
-    assert reasons[1] == "stage_disagreement_mm 0.03 > 0.02"
-    assert reasons[2].startswith("stage_disagreement_mm 0.05 > 0.02; axis_ratio 0.5 < 0.6")
+def test_fit_refuses_a_split_without_large_errors():
+    table, errors = _signals()
+    with pytest.raises(ValueError, match="above and below"):
+        ReviewRule.fit(table, np.minimum(errors, 1.0))
+
+
+def _hand_rule() -> ReviewRule:
+    # stage_disagreement_mm on a log scale (mean at 0.01 mm), axis_ratio as it is (mean 0.8, sd 0.1); a low ratio raises the score.
+    return ReviewRule(signals=("stage_disagreement_mm", "axis_ratio"), mean=(float(np.log(0.01)), 0.8), scale=(1.0, 0.1),
+                      weights=(2.0, -1.0), bias=0.0, threshold=1.0)
+
+
+def test_apply_scores_each_row_and_names_what_raised_it():
+    table = pd.DataFrame({"stage_disagreement_mm": [0.01, 0.1, 0.01, np.nan, 0.1], "axis_ratio": [0.8, 0.8, 0.5, 0.8, 0.5]})
+    needs_review, reasons = _hand_rule().apply(table)
+    assert needs_review.tolist() == [False, True, True, False, True]
+    assert _hand_rule().score(table) == pytest.approx([0.0, 2 * np.log(10), 3.0, 0.0, 2 * np.log(10) + 3.0])
+    assert reasons[0] == "" and reasons[3] == ""  # a missing signal counts as its training mean
+    assert reasons[1] == "review score 4.61 > 1.00: stage_disagreement_mm 0.1 (high)"
+    assert reasons[2] == "review score 3.00 > 1.00: axis_ratio 0.5 (low)"
+    assert reasons[4] == "review score 7.61 > 1.00: stage_disagreement_mm 0.1 (high); axis_ratio 0.5 (low)"
 
 
 def test_rule_round_trips_through_its_dict():
     table, errors = _signals()
     rule = ReviewRule.fit(table, errors)
     again = ReviewRule.from_dict(rule.to_dict())
-    assert again.thresholds == rule.thresholds
-    assert set(again.thresholds) <= set(SIGNALS)
+    assert again == rule
+    assert set(again.signals) <= set(SIGNALS)
     assert ReviewRule.from_dict(None) is None
+    assert ReviewRule.from_dict({"thresholds": {"axis_ratio": 0.6}}) is None  # an earlier development format: recalibrate
 
 
 def test_stored_threshold_is_what_a_model_file_carries(tmp_path, tiny_model_path):
     from fetalpipe.model.model_file import load_model, read_model_header, refinement_entries, save_model
 
     model, config, payload = load_model(tiny_model_path)
-    rule = ReviewRule(thresholds={"stage_disagreement_mm": 0.0123}, fit_report={"images": 10})
+    rule = _hand_rule()
     path = str(tmp_path / "with_review.pt")
     save_model(path, payload["state_dict"], config, review=rule.to_dict(), **refinement_entries(payload))
     stored = ReviewRule.from_dict(read_model_header(path)["review"])
-    assert stored.thresholds == pytest.approx({"stage_disagreement_mm": 0.0123})
+    assert stored.threshold == pytest.approx(1.0) and stored.weights == pytest.approx((2.0, -1.0))
+    assert stored.apply(pd.DataFrame({"stage_disagreement_mm": [0.1], "axis_ratio": [0.8]}))[0].tolist() == [True]

@@ -24,12 +24,21 @@ class AugmentConfig:
     # 1.1x). (1, 1): none.
     aspect_range: tuple[float, float] = (1.0, 1.0)
     noise_probability: float = 0.0  # speckle and noise, as `degrade_intensity` adds them for the refinement stage
+    screenshot_probability: float = 0.0  # the frame shrunk into a scanner-screen canvas with text and a greyscale bar
+
+
 
 
 # Stage 1 as a locator for archive scans: any orientation, frames of other shapes, heads smaller in a larger
 # screenshot, noise (docs/experiments.md, rows R3 and R4: as a 30-epoch recipe from scratch it costs clean accuracy).
 ARCHIVE_AUGMENT = AugmentConfig(rotation_deg=180.0, scale_range=(0.6, 1.1), shift_fraction=0.1, gamma_range=(0.6, 1.6),
                                 contrast_range=(0.7, 1.3), aspect_range=(1 / 1.5, 1.5), noise_probability=0.3)
+# For fine-tuning a trained stage 1 towards archive scans without leaving HC18's frames far behind: rotations to ±40°,
+# heads down to 0.7 of their size, gain and gamma beyond the scanners' range, and a third of the frames as scanner
+# screenshots (`random_screenshot`). Measured in docs/experiments.md, row R5.
+ROBUST_FINE_TUNE_AUGMENT = AugmentConfig(rotation_deg=40.0, scale_range=(0.7, 1.1), shift_fraction=0.05, gamma_range=(0.5, 1.8),
+                                         contrast_range=(0.6, 1.4), aspect_range=(0.8, 1.25), noise_probability=0.2,
+                                         screenshot_probability=0.3)
 # The same for fine-tuning a trained stage 1: portrait frames are turned to landscape before the stretch
 # (`imaging.ResizeTransform.for_image`), so the stretch only varies by how far a frame is from 800 x 540.
 ARCHIVE_FINE_TUNE_AUGMENT = AugmentConfig(rotation_deg=180.0, scale_range=(0.6, 1.1), shift_fraction=0.1, gamma_range=(0.6, 1.6),
@@ -57,6 +66,33 @@ def random_affine(image: np.ndarray, points_model_px: np.ndarray, config: Augmen
     warped = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
     points = np.asarray(points_model_px, dtype=np.float64) @ matrix[:, :2].T + matrix[:, 2]
     return warped, points
+
+
+SCREEN_TEXT_CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .:/-%"
+
+
+def random_screenshot(image: np.ndarray, points_model_px: np.ndarray, rng: np.random.Generator):
+    """float32 [S, S] image + [4, 2] points -> the image shrunk into a scanner-screen canvas (same size): a dark
+    background, lines of text in the margins and a greyscale bar, as scanner screenshots in archives hold scans."""
+    size = image.shape[0]
+    scale_xy = rng.uniform(0.55, 0.85, size=2)
+    content_w, content_h = max(int(size * scale_xy[0]), 8), max(int(size * scale_xy[1]), 8)
+    left, top = int(rng.integers(0, size - content_w + 1)), int(rng.integers(0, size - content_h + 1))
+    canvas_uint8 = np.full((size, size), int(rng.integers(0, 31)), np.uint8)  # cv2.putText draws on 8-bit images only
+    for _ in range(int(rng.integers(2, 9))):  # text anywhere; the image is pasted over what falls inside it
+        text = "".join(rng.choice(list(SCREEN_TEXT_CHARACTERS), size=int(rng.integers(4, 20))))
+        origin = (int(rng.integers(0, size - 20)), int(rng.integers(8, size)))
+        cv2.putText(canvas_uint8, text, origin, cv2.FONT_HERSHEY_SIMPLEX, float(rng.uniform(0.2, 0.45)), int(rng.integers(150, 256)), 1, cv2.LINE_AA)
+    canvas = canvas_uint8.astype(np.float32) / 255
+    if rng.random() < 0.7:  # a greyscale bar, white to black, on the left or right
+        bar_h, bar_w = int(size * rng.uniform(0.2, 0.4)), int(rng.integers(3, 8))
+        bar_x = int(rng.integers(0, max(left - bar_w, 1))) if rng.random() < 0.5 else int(rng.integers(min(left + content_w, size - bar_w), size - bar_w + 1))
+        bar_y = int(rng.integers(0, size - bar_h + 1))
+        canvas[bar_y:bar_y + bar_h, bar_x:bar_x + bar_w] = np.linspace(1.0, 0.0, bar_h, dtype=np.float32)[:, None]
+    canvas[top:top + content_h, left:left + content_w] = cv2.resize(image, (content_w, content_h), interpolation=cv2.INTER_AREA)
+    scale = np.array([content_w / size, content_h / size])
+    points = (np.asarray(points_model_px, dtype=np.float64) + 0.5) * scale - 0.5 + [left, top]
+    return canvas, points
 
 
 def random_intensity(image: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:

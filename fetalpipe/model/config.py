@@ -72,7 +72,7 @@ class TrainConfig:
     loss: str = "mse"  # or "weighted_mse" (foreground pixels weigh more), "bce" or "bce_dice" (for the ellipse map)
     foreground_weight: float = 10.0
     augment: bool = False
-    augmentation: str = "standard"  # with augment: "standard" (HC18-like frames), "archive" or "archive_fine_tune" (`augment`)
+    augmentation: str = "standard"  # with augment: "standard" (HC18-like frames), "archive", "archive_fine_tune" or "robust_fine_tune" (`augment`)
     bf16: bool = False
     channels_last: bool = False
     val_fraction: float = 0.15

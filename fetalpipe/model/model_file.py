@@ -21,7 +21,7 @@ def save_model(path: str, state_dict: dict, train_config, metrics: dict | None =
                review: dict | None = None, refinement_int8_quantization: dict | None = None) -> None:
     """`refinement_state_dict`: the weights of the refinement stage that `train_config.refinement` describes.
     `refinement_int8_quantization`: as `int8_quantization`, for the refinement stage's network.
-    `review`: the review-flag thresholds fitted by `calibrate` (`review.ReviewRule`).
+    `review`: the review flag's rule (weights and threshold) fitted by `calibrate` (`review.ReviewRule`).
     `calibration`: a fitted `calibration.SizeCalibration` with its report, applied by inference.
     `int8_quantization`: {observer: [scale, zero point]} from `quantize.observe_quantization` (plain numbers, so the
     torch-free header reader sees them), which lets inference run in int8."""

@@ -1,5 +1,5 @@
 """The `calibrate` job: fit, on a model's training split, what inference applies afterwards (int8 quantization parameters
-for both stages, the size line of `calibration.SizeCalibration`, and the review thresholds of `review.ReviewRule`), and
+for both stages, the size line of `calibration.SizeCalibration`, and the review rule of `review.ReviewRule`), and
 write them into the model file. It runs `infer` and `evaluate` on the split, so it sits above them; what it fits is
 applied by code below `infer`."""
 
@@ -27,7 +27,7 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
     """Choose int8 quantization parameters on up to `quantize.CALIBRATION_IMAGES` images of the training split of
     `manifest_path` (the split the model was trained on), measure the whole split with that int8 model, fit the size
     line, and write the model with both to `output_path` (inference then runs in int8 by default; the line is fitted
-    on what int8 inference measures), fit the review flag's thresholds (`review.ReviewRule`) on the same measurement,
+    on what int8 inference measures), fit the review flag's rule (`review.ReviewRule`) on the same measurement,
     and write all three into the model file. The measurement stays in OUTPUT.calibration/
     (predictions and an evaluate report of the training split); like any inference output it must be on storage
     every node can reach. Returns the fit and the split's HC MAE before and after."""
@@ -81,7 +81,7 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
     reference = errors["reference_hc_mm"].to_numpy()
     calibration = SizeCalibration.fit(measured, reference)
     calibrated = measured * calibration.scale(measured)
-    # The review thresholds, on the same measurement: signals after the size correction would move only the size-based
+    # The review rule, on the same measurement: signals after the size correction would move only the size-based
     # ones by a percent, so the uncorrected rows are used as they are; the errors are the corrected ones.
     review_rule = ReviewRule.fit(errors, np.abs(calibrated - reference))
     summary = {

@@ -12,7 +12,7 @@ import hashlib
 import numpy as np
 
 from fetalpipe import LANDMARK_COLUMNS
-from fetalpipe.data.augment import AcquisitionAugmentConfig, AugmentConfig, degrade_acquisition, degrade_intensity, random_affine, random_intensity
+from fetalpipe.data.augment import AcquisitionAugmentConfig, AugmentConfig, degrade_acquisition, degrade_intensity, random_affine, random_intensity, random_screenshot
 from fetalpipe.data.imaging import ImageDecodeError, ResizeTransform, decode_image, read_bytes, resize_to_model
 from fetalpipe.measure import ellipse as ellipse_geometry
 from fetalpipe.model.heatmaps import HeatmapCodec
@@ -86,6 +86,8 @@ def encode_batch(batch: dict[str, np.ndarray], codec: HeatmapCodec, augment: Aug
         images = images.copy()
         points = points.copy()
         for index in range(len(images)):
+            if rng.random() < augment.screenshot_probability:
+                images[index], points[index] = random_screenshot(images[index], points[index], rng)
             images[index], points[index] = random_affine(images[index], points[index], augment, rng)
             images[index] = random_intensity(images[index], augment, rng)
     output = {

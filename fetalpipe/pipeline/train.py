@@ -17,11 +17,12 @@ import time
 import numpy as np
 import pandas as pd
 
-from fetalpipe.data.augment import ARCHIVE_AUGMENT, ARCHIVE_FINE_TUNE_AUGMENT, AcquisitionAugmentConfig, AugmentConfig
+from fetalpipe.data.augment import ARCHIVE_AUGMENT, ARCHIVE_FINE_TUNE_AUGMENT, ROBUST_FINE_TUNE_AUGMENT, AcquisitionAugmentConfig, AugmentConfig
 from fetalpipe.model.config import RefinementConfig, TrainConfig
 from fetalpipe.runtime import storage
 
-AUGMENT_PRESETS = {"standard": AugmentConfig(), "archive": ARCHIVE_AUGMENT, "archive_fine_tune": ARCHIVE_FINE_TUNE_AUGMENT}
+AUGMENT_PRESETS = {"standard": AugmentConfig(), "archive": ARCHIVE_AUGMENT, "archive_fine_tune": ARCHIVE_FINE_TUNE_AUGMENT,
+                   "robust_fine_tune": ROBUST_FINE_TUNE_AUGMENT}
 
 
 def is_validation_subject(subject_id: str, val_fraction: float) -> bool:
