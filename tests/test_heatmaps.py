@@ -102,17 +102,3 @@ def test_coordinate_targets_round_trip_exactly_and_in_unit_range():
     decoded, confidence = codec.decode(targets)
     assert np.abs(decoded - points).max() < 1e-3
     assert np.isnan(confidence).all()  # a regressed point has no peak value
-
-
-def test_ellipse_agreement_is_high_for_a_head_and_low_for_two_structures_in_one_region():
-    """stage1_ellipse_iou: the map's region against the ellipse fitted to it (a review signal)."""
-    codec = HeatmapCodec(heatmap_size=128, layout="ellipse")
-    head = codec.encode(np.array([[[60.0, 128.0], [196.0, 128.0], [128.0, 80.0], [128.0, 176.0]]]))
-    two = np.maximum(codec.encode(np.array([[[40.0, 128.0], [120.0, 128.0], [80.0, 88.0], [80.0, 168.0]]])),
-                     codec.encode(np.array([[[110.0, 128.0], [190.0, 128.0], [150.0, 98.0], [150.0, 158.0]]])))
-    points, confidence, agreement = codec.decode_ellipse_with_agreement(np.concatenate([head, two]), np.tile([800, 540], (2, 1)))
-    assert agreement[0] > 0.97 and agreement[1] < 0.9
-    plain_points, plain_confidence = codec.decode(np.concatenate([head, two]), np.tile([800, 540], (2, 1)))
-    np.testing.assert_array_equal(points, plain_points)  # the same decoding, plus the signal
-    np.testing.assert_array_equal(confidence, plain_confidence)
-    assert np.isnan(codec.decode_ellipse_with_agreement(np.zeros((1, 1, 128, 128), np.float32), np.array([[800, 540]]))[2][0])

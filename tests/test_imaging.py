@@ -148,3 +148,25 @@ def test_portrait_frames_are_turned_a_quarter_before_the_stretch_and_points_foll
     points = np.array([[0.0, 0.0], [539.0, 799.0], [102.5, 602.5]])
     assert np.allclose(transform.to_original(transform.to_model(points)), points)
     assert not ResizeTransform.for_image(800, 540, 256).quarter_turn
+
+
+def test_clamp_brightness_brightens_only_scans_darker_than_the_training_images():
+    from fetalpipe.data.imaging import BLACK_LEVEL, TRAINING_DARKEST_CONTENT_MEDIAN, clamp_brightness, content_median
+
+    rng = np.random.default_rng(0)
+    scan = np.zeros((540, 800), np.float32)  # black outside the sector
+    scan[40:500, 100:700] = np.clip(rng.gamma(2.0, 0.08, (460, 600)), 0, 1)
+    assert content_median(scan) > TRAINING_DARKEST_CONTENT_MEDIAN
+    assert clamp_brightness(scan) is scan  # as bright as training scans: untouched
+    bright = scan ** 0.4
+    assert clamp_brightness(bright) is bright  # brighter ones too: clipped echoes cannot be recovered
+    dark = scan ** 2.2
+    assert content_median(dark) < TRAINING_DARKEST_CONTENT_MEDIAN
+    clamped = clamp_brightness(dark)
+    assert clamped.dtype == np.float32 and clamped.shape == scan.shape
+    was_content = dark[::4, ::4] > BLACK_LEVEL  # the pixels whose median was measured, now at the training's darkest
+    assert np.median(clamped[::4, ::4][was_content]) == pytest.approx(TRAINING_DARKEST_CONTENT_MEDIAN, abs=0.002)
+    assert (clamped[scan == 0] == 0).all()  # black stays black
+    order = np.argsort(dark[40:500, 100:700].ravel()[:5000])
+    assert (np.diff(clamped[40:500, 100:700].ravel()[:5000][order]) >= 0).all()  # a gamma keeps the order of grey levels
+    assert clamp_brightness(np.zeros((10, 10), np.float32)).max() == 0  # all black: nothing to measure

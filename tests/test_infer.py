@@ -24,7 +24,7 @@ CONTRACT_COLUMNS = [
     "image_path", "status", "error", *LANDMARK_COLUMNS, "ofd_px", "bpd_px", "hc_px", "hc_ellipse_px",
     "pixel_spacing_mm", "ofd_mm", "bpd_mm", "hc_mm", "hc_ellipse_mm", "ga_from_hc_weeks", "hc_z_intergrowth21", "hc_centile_intergrowth21",
     "confidence", "needs_review", "review_reason",
-    "stage_disagreement_mm", "outline_fit_residual_mm", "outline_spread_mm", "outline_outside_frame", "axis_ratio", "head_size_fraction", "stage1_ellipse_iou",
+    "stage_disagreement_mm", "outline_fit_residual_mm", "outline_spread_mm", "outline_outside_frame", "axis_ratio", "head_size_fraction",
     "size_calibration_scale", "model_sha256", "precision", "fetalpipe_version",
 ]
 

@@ -8,8 +8,6 @@ Every prediction row carries a few signals, each computed in the inference actor
   * ``outline_outside_frame``: the fraction of the final ellipse outside the image (a head cut by the frame);
   * ``axis_ratio``: BPD / OFD (too flat for a head);
   * ``head_size_fraction``: OFD / the image diagonal (too small to be the head that fills a standard plane);
-  * ``stage1_ellipse_iou``: how well stage 1's map region matches the ellipse fitted to it (two structures in one
-    region, or a head with a bite out of it, is not an ellipse);
   * ``confidence``: stage 1's map confidence.
 The first three are in mm, like the error they predict: the same 1 % uncertainty is 1 mm of HC on an early head and
 3 mm on a late one (on the validation split, in mm they rank the images above 5 mm far better than as fractions).
@@ -30,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 SIGNALS = ("stage_disagreement_mm", "outline_fit_residual_mm", "outline_spread_mm", "outline_outside_frame", "axis_ratio",
-           "head_size_fraction", "stage1_ellipse_iou", "confidence")
+           "head_size_fraction", "confidence")
 LOG_SCALE_SIGNALS = ("stage_disagreement_mm", "outline_fit_residual_mm", "outline_spread_mm", "head_size_fraction")
 LOG_FLOOR = 1e-4  # log of a signal at 0 (a perfect fit) is taken at this floor
 LARGE_ERROR_MM = 5.0

@@ -99,7 +99,7 @@ class HeatmapCodec:
             points = maps.reshape(len(maps), 4, 2).astype(np.float64) * self.input_size - 0.5
             return canonical_order(points), np.full((len(maps), 4), np.nan)
         if self.layout == "ellipse":
-            return self._decode_ellipse(maps, original_sizes)[:2]
+            return self._decode_ellipse(maps, original_sizes)
         if self.layout == "ordered":
             peaks, values = self._peaks(maps)
         else:
@@ -140,20 +140,13 @@ class HeatmapCodec:
             points[..., axis] += np.clip(offset, -0.5, 0.5)
         return points, values
 
-    def decode_ellipse_with_agreement(self, heatmaps: np.ndarray, original_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``ellipse`` layout: `decode`'s (points, confidence) and, per image, the intersection over union of the map's
-        region and the ellipse fitted to it [B] (NaN where none was fitted): a map that outlines two structures, or
-        a head with a bite out of it, is not an ellipse, and its ellipse is a guess."""
-        return self._decode_ellipse(np.asarray(heatmaps, dtype=np.float32), original_sizes)
-
-    def _decode_ellipse(self, maps: np.ndarray, original_sizes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _decode_ellipse(self, maps: np.ndarray, original_sizes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         import cv2
 
         from fetalpipe.data.imaging import ResizeTransform
 
         points = np.full((len(maps), 4, 2), np.nan)
         confidence = np.zeros((len(maps), 4))
-        agreement = np.full(len(maps), np.nan)
         for index, probability in enumerate(maps[:, 0]):
             width, height = (int(v) for v in original_sizes[index]) if original_sizes is not None else (self.input_size, self.input_size)
             # Upsample to original pixels (cv2.resize is pixel-centre aligned, as ResizeTransform), then trace the 0.5 level.
@@ -162,8 +155,6 @@ class HeatmapCodec:
             if not contours or len(max(contours, key=len)) < 5:
                 continue
             contour = max(contours, key=len)
-            region = np.zeros((height, width), np.uint8)
-            cv2.drawContours(region, [contour], -1, 1, thickness=cv2.FILLED)
             hull = cv2.convexHull(contour)
             if cv2.contourArea(contour) < HULL_SOLIDITY_THRESHOLD * cv2.contourArea(hull):
                 # The head is convex: a map with bites out of it (under-segmented large heads) is fitted by its hull.
@@ -188,11 +179,7 @@ class HeatmapCodec:
             points[index] = ResizeTransform(width, height, self.input_size).to_model(endpoints)
             inside = upsampled > 0.5
             confidence[index] = float(np.clip(upsampled[inside].mean() * 2 - 1 if inside.any() else 0.0, 0, 1))
-            fitted = np.zeros((height, width), np.uint8)
-            cv2.ellipse(fitted, ((centre_x, centre_y), (axis_a, axis_b), angle_deg), 1, thickness=cv2.FILLED)
-            union = int(np.count_nonzero(region | fitted))
-            agreement[index] = np.count_nonzero(region & fitted) / union if union else np.nan
-        return canonical_order(points), confidence, agreement
+        return canonical_order(points), confidence
 
 
 def _filled_ellipse(points_heatmap_px: np.ndarray, size: int, edge_scale_heatmap_px: float = 0.0) -> np.ndarray:

@@ -35,7 +35,7 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
 
     import pandas as pd
 
-    from fetalpipe.data.imaging import read_image, resize_to_model
+    from fetalpipe.data.imaging import clamp_brightness, read_image, resize_to_model
     from fetalpipe.data.manifest import load_manifest
     from fetalpipe.model.model_file import load_model, load_refinement_model, refinement_entries, save_model
     from fetalpipe.model.quantize import CALIBRATION_IMAGES, observe_quantization
@@ -56,7 +56,7 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
     # Evenly spaced over the split, sorted by path: the same images on every rerun.
     paths = sorted(train_table["image_path"])
     chosen = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(CALIBRATION_IMAGES, len(paths)))]
-    decoded = [read_image(path).pixels for path in chosen]
+    decoded = [clamp_brightness(read_image(path).pixels) for path in chosen]  # as the inference actors see them
     images = np.stack([resize_to_model(pixels, config.input_size)[0] for pixels in decoded])
     int8_quantization = observe_quantization(model, images)
     refinement_int8_quantization = None

@@ -279,11 +279,7 @@ class LandmarkPredictor:
         if len(ok):
             transforms = [ResizeTransform.for_image(batch["original_width"][index], batch["original_height"][index], self.codec.input_size) for index in ok]
             frame_sizes = np.array([transform.frame_size for transform in transforms])  # the decoder fits in the stretched frame's geometry
-            maps = self.predict_heatmaps(batch["image"][ok])
-            if self.codec.layout == "ellipse":
-                points_model, peak_values, signals["stage1_ellipse_iou"][ok] = self.codec.decode_ellipse_with_agreement(maps, frame_sizes)
-            else:
-                points_model, peak_values = self.codec.decode(maps, frame_sizes)
+            points_model, peak_values = self.codec.decode(self.predict_heatmaps(batch["image"][ok]), frame_sizes)
             for slot, index in enumerate(ok):
                 points_original[index] = transforms[slot].to_original(points_model[slot])
             confidence[ok] = peak_values.mean(axis=1)

@@ -13,14 +13,14 @@ import numpy as np
 
 from fetalpipe import LANDMARK_COLUMNS
 from fetalpipe.data.augment import AcquisitionAugmentConfig, AugmentConfig, degrade_acquisition, degrade_intensity, random_affine, random_intensity, random_screenshot
-from fetalpipe.data.imaging import ImageDecodeError, ResizeTransform, decode_image, read_bytes, resize_to_model
+from fetalpipe.data.imaging import ImageDecodeError, ResizeTransform, clamp_brightness, decode_image, read_bytes, resize_to_model
 from fetalpipe.measure import ellipse as ellipse_geometry
 from fetalpipe.model.heatmaps import HeatmapCodec
 from fetalpipe.model.polar import PolarCodec, jitter
 
 
 def decode_batch(batch: dict[str, np.ndarray], input_size: int, keep_original: bool = False) -> dict[str, np.ndarray]:
-    """Add ``image`` (float32 [B, S, S] in [0, 1]), original size, file hash, status and error. With `keep_original`
+    """Add ``image`` (float32 [B, S, S] in [0, 1], after `imaging.clamp_brightness`), original size, file hash, status and error. With `keep_original`
     also ``original_pixels``: each image at its stored size, float32 [H, W] (what the refinement stage crops)."""
     count = len(batch["image_path"])
     images = np.zeros((count, input_size, input_size), dtype=np.float32)
@@ -37,9 +37,10 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: int, keep_original: b
             data = read_bytes(str(path))
             hashes[index] = hashlib.sha256(data).hexdigest()
             decoded = decode_image(data)
-            images[index], transform = resize_to_model(decoded.pixels, input_size)
+            pixels = clamp_brightness(decoded.pixels)
+            images[index], transform = resize_to_model(pixels, input_size)
             if keep_original:
-                originals[index] = decoded.pixels
+                originals[index] = pixels
             widths[index], heights[index] = transform.original_width, transform.original_height
             if np.isnan(spacing[index]) and decoded.pixel_spacing_mm is not None:
                 spacing[index] = decoded.pixel_spacing_mm
@@ -110,7 +111,7 @@ def decode_original_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     for index, path in enumerate(batch["image_path"]):
         pixels[index] = b""
         try:
-            decoded = decode_image(read_bytes(str(path))).pixels
+            decoded = clamp_brightness(decode_image(read_bytes(str(path))).pixels)
             heights[index], widths[index] = decoded.shape
             pixels[index] = np.round(decoded * 255).astype(np.uint8).tobytes()
         except ImageDecodeError as error:
