@@ -73,20 +73,23 @@ def s3_archive(s3_bucket, tiny_model_path):
     return prefix, environment
 
 
-def fetalpipe(environment, *arguments, timeout=300):
-    return subprocess.run([sys.executable, "-m", "fetalpipe.cli", *arguments], env=environment, capture_output=True, text=True, timeout=timeout)
+def fetalpipe(environment, *arguments, timeout=300, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fetalpipe.cli", *arguments], env=environment, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def read_csv(uri) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(storage.read_bytes(uri)))
 
 
-def test_infer_from_s3_into_s3_then_an_idempotent_rerun(s3_archive):
+def test_infer_from_s3_into_s3_then_an_idempotent_rerun(s3_archive, tmp_path):
     prefix, environment = s3_archive
     command = ["infer", "--manifest", f"{prefix}/archive/manifest.csv", "--model", f"{prefix}/models/model.pt",
                "--output", f"{prefix}/out", "--actors", "1", "--batch-size", "4", "--overlays"]
-    first = fetalpipe(environment, *command)
+    working_dir = tmp_path / "cwd"
+    working_dir.mkdir()
+    first = fetalpipe(environment, *command, cwd=working_dir)
     assert first.returncode == 0, first.stdout + first.stderr
+    assert list(working_dir.iterdir()) == []  # an s3:// output writes nothing in the working directory (no local "s3:" folder)
     csv = read_csv(f"{prefix}/out/predictions.csv")
     assert len(csv) == 9 and csv["image_path"].is_unique and csv["image_path"].str.startswith(f"{prefix}/archive/").all()
     missing = csv.set_index("image_path").loc[f"{prefix}/archive/missing.png"]
