@@ -33,16 +33,16 @@ class AugmentConfig:
 # screenshot, noise (docs/experiments.md, rows R3 and R4: as a 30-epoch recipe from scratch it costs clean accuracy).
 ARCHIVE_AUGMENT = AugmentConfig(rotation_deg=180.0, scale_range=(0.6, 1.1), shift_fraction=0.1, gamma_range=(0.6, 1.6),
                                 contrast_range=(0.7, 1.3), aspect_range=(1 / 1.5, 1.5), noise_probability=0.3)
+# The same for fine-tuning a trained stage 1: portrait frames are turned to landscape before the stretch
+# (`imaging.ResizeTransform.for_image`), so the stretch only varies by how far a frame is from 800 x 540.
+ARCHIVE_FINE_TUNE_AUGMENT = AugmentConfig(rotation_deg=180.0, scale_range=(0.6, 1.1), shift_fraction=0.1, gamma_range=(0.6, 1.6),
+                                          contrast_range=(0.7, 1.3), aspect_range=(0.8, 1.25), noise_probability=0.3)
 # For fine-tuning a trained stage 1 towards archive scans without leaving HC18's frames far behind: rotations to ±40°,
 # heads down to 0.7 of their size, gain and gamma beyond the scanners' range, and a third of the frames as scanner
 # screenshots (`random_screenshot`). Measured in docs/experiments.md, row R5.
 ROBUST_FINE_TUNE_AUGMENT = AugmentConfig(rotation_deg=40.0, scale_range=(0.7, 1.1), shift_fraction=0.05, gamma_range=(0.5, 1.8),
                                          contrast_range=(0.6, 1.4), aspect_range=(0.8, 1.25), noise_probability=0.2,
                                          screenshot_probability=0.3)
-# The same for fine-tuning a trained stage 1: portrait frames are turned to landscape before the stretch
-# (`imaging.ResizeTransform.for_image`), so the stretch only varies by how far a frame is from 800 x 540.
-ARCHIVE_FINE_TUNE_AUGMENT = AugmentConfig(rotation_deg=180.0, scale_range=(0.6, 1.1), shift_fraction=0.1, gamma_range=(0.6, 1.6),
-                                          contrast_range=(0.7, 1.3), aspect_range=(0.8, 1.25), noise_probability=0.3)
 
 
 def random_affine(image: np.ndarray, points_model_px: np.ndarray, config: AugmentConfig, rng: np.random.Generator):

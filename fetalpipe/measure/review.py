@@ -21,7 +21,6 @@ the model file. A flagged row's reason names the signals that raised its score m
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,18 +103,16 @@ class ReviewRule:
         errors = np.asarray(hc_abs_error_mm, dtype=np.float64)
         measured = np.isfinite(errors)
         large = errors > large_error_mm
+        if large[measured].all() or not large[measured].any():
+            raise ValueError(f"the review rule needs images both above and below {large_error_mm} mm of HC error to fit")
         names = [name for name in SIGNALS if name in signals and pd.to_numeric(signals[name], errors="coerce").notna().any()]
         features = _features(signals, names)[measured]
         mean = np.nanmean(features, axis=0)
         scale = np.nanstd(features, axis=0)
         scale = np.where(scale > 0, scale, 1.0)
         standardised = np.nan_to_num((features - mean) / scale, nan=0.0)
-        if large[measured].all() or not large[measured].any():
-            raise ValueError(f"the review rule needs images both above and below {large_error_mm} mm of HC error to fit")
         regression = LogisticRegression(C=REGULARISATION_C, max_iter=1000).fit(standardised, large[measured])
-        rule = cls(signals=tuple(names), mean=tuple(map(float, mean)), scale=tuple(map(float, scale)),
-                   weights=tuple(map(float, regression.coef_[0])), bias=float(regression.intercept_[0]), threshold=0.0)
-        scores = rule.score(signals)[measured]
+        scores = regression.decision_function(standardised)  # = `score`: bias + standardised @ weights
         threshold = float(np.quantile(scores, 1 - max_flagged_fraction))
         flagged = scores > threshold
         report = {
@@ -124,7 +121,8 @@ class ReviewRule:
             "caught_fraction": float((flagged & large[measured]).sum() / large[measured].sum()),
             "max_flagged_fraction": max_flagged_fraction,
         }
-        return dataclasses.replace(rule, threshold=threshold, fit_report=report)
+        return cls(signals=tuple(names), mean=tuple(map(float, mean)), scale=tuple(map(float, scale)), weights=tuple(map(float, regression.coef_[0])),
+                   bias=float(regression.intercept_[0]), threshold=threshold, fit_report=report)
 
 
 def catch_curve(signals: pd.DataFrame, hc_abs_error_mm: np.ndarray, rule: ReviewRule, large_error_mm: float = LARGE_ERROR_MM) -> dict:

@@ -11,10 +11,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from fetalpipe import LANDMARK_COLUMNS
+from fetalpipe.measure import review
 from fetalpipe.runtime import storage
 
 # The review flag's inputs (`fetalpipe.measure.review`); stage 1's `confidence` is the seventh.
-REVIEW_SIGNAL_COLUMNS = ("stage_disagreement_mm", "outline_fit_residual_mm", "outline_spread_mm", "outline_outside_frame", "axis_ratio", "head_size_fraction")
+REVIEW_SIGNAL_COLUMNS = tuple(name for name in review.SIGNALS if name != "confidence")
 BIOMETRY_COLUMNS = ("ofd_px", "bpd_px", "hc_px", "hc_ellipse_px", "ofd_mm", "bpd_mm", "hc_mm", "hc_ellipse_mm")
 # From hc_ellipse_mm (`fetalpipe.measure.clinical`); the INTERGROWTH-21st two need the manifest's gestational age.
 CLINICAL_COLUMNS = ("ga_from_hc_weeks", "hc_z_intergrowth21", "hc_centile_intergrowth21")
