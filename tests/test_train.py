@@ -30,6 +30,24 @@ def test_split_is_by_subject_and_deterministic():
     assert set(again_train["image_path"]) == set(train["image_path"])
 
 
+def test_checkpoint_listing_reads_each_metrics_file_once_with_a_cache(tmp_path):
+    """The epoch lines poll every 2 s; on object storage a reread of every checkpoint's metrics.json each time adds up."""
+    root = tmp_path / "ray_train"
+
+    def write_checkpoint(name: str, epoch: int) -> None:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "metrics.json").write_text(f'{{"epoch": {epoch}}}')
+
+    write_checkpoint("checkpoint_a", 1)
+    (root / "checkpoint_b").mkdir()  # being written: no metrics.json yet
+    cache: dict[str, int] = {}
+    assert [epoch for epoch, _ in list_checkpoints(str(tmp_path), cache)] == [1]
+    write_checkpoint("checkpoint_a", 99)  # not read again: the cached epoch stands
+    write_checkpoint("checkpoint_b", 2)  # now complete: picked up
+    assert [epoch for epoch, _ in list_checkpoints(str(tmp_path), cache)] == [1, 2]
+    assert [epoch for epoch, _ in list_checkpoints(str(tmp_path))] == [2, 99]  # without a cache: read afresh
+
+
 def test_two_workers_train_then_resume_then_serve(ray_local, tiny_config, sample_manifest_copy, reliability_log, tmp_path, capsys):
     # One unreadable image among the 20: skipped with a warning and listed, never fatal.
     table = pd.read_csv(sample_manifest_copy, dtype={"subject_id": str})
@@ -92,6 +110,23 @@ def test_losses_are_zero_for_a_perfect_map_and_grow_with_error():
         half = heatmap_loss(torch.full_like(target, 0.5), target, kind, 10.0).item()
         wrong = heatmap_loss(1 - target, target, kind, 10.0).item()
         assert perfect < 1e-3 < half < wrong, kind
+
+
+@pytest.mark.parametrize("recipe", [{"augmentation": "archve"}, {"refinement": {"augmentation": "wide"}}])
+def test_a_misspelt_augmentation_preset_fails_when_the_recipe_is_read(tmp_path, recipe):
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump({"base": "ellipse_refine", **recipe}))
+    with pytest.raises(ValueError, match="unknown .*augmentation"):
+        resolve_config(str(path))
+
+
+def test_every_shipped_recipe_file_reads():
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    names = sorted(name for name in os.listdir(folder) if name.endswith(".yaml"))
+    assert len(names) >= 10
+    for name in names:
+        config = resolve_config(os.path.join(folder, name))
+        assert config.epochs > 0, name
 
 
 def test_named_coordinate_config_builds_a_regression_model():

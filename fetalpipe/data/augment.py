@@ -43,6 +43,9 @@ ARCHIVE_FINE_TUNE_AUGMENT = AugmentConfig(rotation_deg=180.0, scale_range=(0.6, 
 ROBUST_FINE_TUNE_AUGMENT = AugmentConfig(rotation_deg=40.0, scale_range=(0.7, 1.1), shift_fraction=0.05, gamma_range=(0.5, 1.8),
                                          contrast_range=(0.6, 1.4), aspect_range=(0.8, 1.25), noise_probability=0.2,
                                          screenshot_probability=0.3)
+# R5's intensity ranges without its geometry: a trained stage 1 taught gain, gamma and noise beyond the scanners' range,
+# with HC18's frames and head sizes left as they are (docs/experiments.md, row R7).
+INTENSITY_FINE_TUNE_AUGMENT = AugmentConfig(gamma_range=(0.5, 1.8), contrast_range=(0.6, 1.4), noise_probability=0.2)
 
 
 def random_affine(image: np.ndarray, points_model_px: np.ndarray, config: AugmentConfig, rng: np.random.Generator):
@@ -116,6 +119,17 @@ class AcquisitionAugmentConfig:
     jpeg_probability: float = 0.2  # JPEG quality 20-70
     speckle_probability: float = 0.3  # multiplicative speckle, sd 0.1-0.4
     noise_probability: float = 0.3  # additive noise, sd 0.02-0.08
+
+
+# Gain and gamma as wide as stage 1's fine-tuning ranges (`ROBUST_FINE_TUNE_AUGMENT`): a brighter scan saturates the
+# skull's echo and widens it, and the refinement stage is what decides where its outer edge lies (experiments row R8).
+WIDE_INTENSITY_ACQUISITION_AUGMENT = AcquisitionAugmentConfig(gamma_range=(0.5, 1.8), gain_range=(0.6, 1.4))
+
+
+# The names a recipe's `augmentation` (stage 1) and `refinement.augmentation` (stage 2) may take.
+AUGMENT_PRESETS = {"standard": AugmentConfig(), "archive": ARCHIVE_AUGMENT, "archive_fine_tune": ARCHIVE_FINE_TUNE_AUGMENT,
+                   "robust_fine_tune": ROBUST_FINE_TUNE_AUGMENT, "intensity_fine_tune": INTENSITY_FINE_TUNE_AUGMENT}
+REFINEMENT_AUGMENT_PRESETS = {"standard": AcquisitionAugmentConfig(), "wide_intensity": WIDE_INTENSITY_ACQUISITION_AUGMENT}
 
 
 def degrade_acquisition(pixels: np.ndarray, config: AcquisitionAugmentConfig, rng: np.random.Generator) -> np.ndarray:

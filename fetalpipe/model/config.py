@@ -8,6 +8,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from fetalpipe.data.augment import AUGMENT_PRESETS, REFINEMENT_AUGMENT_PRESETS
 from fetalpipe.model.heatmaps import HeatmapCodec
 from fetalpipe.model.networks import MODEL_CONFIGS, ModelConfig
 from fetalpipe.model.polar import PolarCodec
@@ -23,6 +24,12 @@ def _model_and_fields(config_class, values: dict, what: str) -> tuple[dict, dict
     return model, values
 
 
+
+
+def _check_preset(name: str, presets: dict, what: str) -> None:
+    """A misspelt preset fails when the recipe is read, not inside a Ray job minutes later."""
+    if name not in presets:
+        raise ValueError(f"unknown {what} {name!r}; one of {sorted(presets)}")
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,10 @@ class RefinementConfig:
     batch_size: int = 16
     lr: float = 2e-3
     augment: bool = True
+    augmentation: str = "standard"  # with augment: a name in `augment.REFINEMENT_AUGMENT_PRESETS`
+
+    def __post_init__(self):
+        _check_preset(self.augmentation, REFINEMENT_AUGMENT_PRESETS, "refinement augmentation")
 
     def codec(self) -> PolarCodec:
         return PolarCodec(angles=self.angles, radii=self.radii, radius_range=tuple(self.radius_range), wrap_rows=self.wrap_rows,
@@ -72,12 +83,15 @@ class TrainConfig:
     loss: str = "mse"  # or "weighted_mse" (foreground pixels weigh more), "bce" or "bce_dice" (for the ellipse map)
     foreground_weight: float = 10.0
     augment: bool = False
-    augmentation: str = "standard"  # with augment: "standard" (HC18-like frames), "archive", "archive_fine_tune" or "robust_fine_tune" (`augment`)
+    augmentation: str = "standard"  # with augment: a name in `augment.AUGMENT_PRESETS` ("standard": HC18-like frames)
     bf16: bool = False
     channels_last: bool = False
     val_fraction: float = 0.15
     init_from: str = ""  # a model file whose stage-1 weights start the training (fine-tuning); "" = random initialisation
     refinement: RefinementConfig | None = None  # a second stage at native resolution (trained after this one)
+
+    def __post_init__(self):
+        _check_preset(self.augmentation, AUGMENT_PRESETS, "augmentation")
 
     def codec(self) -> HeatmapCodec:
         return HeatmapCodec(

@@ -17,12 +17,9 @@ import time
 import numpy as np
 import pandas as pd
 
-from fetalpipe.data.augment import ARCHIVE_AUGMENT, ARCHIVE_FINE_TUNE_AUGMENT, ROBUST_FINE_TUNE_AUGMENT, AcquisitionAugmentConfig, AugmentConfig
+from fetalpipe.data.augment import AUGMENT_PRESETS, REFINEMENT_AUGMENT_PRESETS, AcquisitionAugmentConfig, AugmentConfig
 from fetalpipe.model.config import RefinementConfig, TrainConfig
 from fetalpipe.runtime import storage
-
-AUGMENT_PRESETS = {"standard": AugmentConfig(), "archive": ARCHIVE_AUGMENT, "archive_fine_tune": ARCHIVE_FINE_TUNE_AUGMENT,
-                   "robust_fine_tune": ROBUST_FINE_TUNE_AUGMENT}
 
 
 def is_validation_subject(subject_id: str, val_fraction: float) -> bool:
@@ -382,7 +379,7 @@ def build_refinement_datasets(train_table: pd.DataFrame, val_table: pd.DataFrame
             batch_format="numpy", batch_size=refinement.batch_size, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2),
         )
 
-    train_ds = prepared(train_table, AcquisitionAugmentConfig() if refinement.augment else None, None)
+    train_ds = prepared(train_table, REFINEMENT_AUGMENT_PRESETS[refinement.augmentation] if refinement.augment else None, None)
     val_ds = prepared(val_table, None, seed=0).materialize()  # the same priors every epoch
     return train_ds, val_ds, pd.concat(skipped, ignore_index=True)
 
@@ -520,6 +517,7 @@ class EpochLines:
 
         self.stage_dir, self.name, self.epochs, self.printed, self.poll_s = stage_dir, name, epochs, after_epoch, poll_s
         self.seconds: list[float] = []
+        self.epoch_by_dir: dict[str, int] = {}  # checkpoints already read (`list_checkpoints`)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -539,7 +537,7 @@ class EpochLines:
     def print_new(self) -> None:
         from fetalpipe.runtime.console import format_seconds
 
-        for epoch, checkpoint in list_checkpoints(self.stage_dir):
+        for epoch, checkpoint in list_checkpoints(self.stage_dir, self.epoch_by_dir):
             if epoch <= self.printed:
                 continue
             metrics = json.loads(storage.read_bytes(storage.join(checkpoint, "metrics.json")))
@@ -560,17 +558,25 @@ def _write_or_check_config(run_dir: str, config: TrainConfig) -> None:
     storage.write_text(path, json.dumps(config.to_dict(), indent=2))
 
 
-def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(epoch, checkpoint dir) for every checkpoint Ray Train stored under RUN_DIR (a path or an object-store URI)."""
+def list_checkpoints(run_dir: str, epoch_by_dir: dict[str, int] | None = None) -> list[tuple[int, str]]:
+    """(epoch, checkpoint dir) for every checkpoint Ray Train stored under RUN_DIR (a path or an object-store URI).
+    `epoch_by_dir`: a cache the caller keeps between calls (a poll), so that each checkpoint's metrics.json is read once."""
     import pyarrow.fs
 
+    epoch_by_dir = {} if epoch_by_dir is None else epoch_by_dir
     found = []
     root = storage.join(run_dir, "ray_train")
     fs, root_path = storage.filesystem(root)
     for info in fs.get_file_info(pyarrow.fs.FileSelector(root_path, allow_not_found=True)):
-        metrics_path = storage.join(root, info.base_name, "metrics.json")
-        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_") and storage.exists(metrics_path):
-            found.append((int(json.loads(storage.read_bytes(metrics_path))["epoch"]), storage.join(root, info.base_name)))
+        if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        checkpoint_dir = storage.join(root, info.base_name)
+        if checkpoint_dir not in epoch_by_dir:
+            metrics_path = storage.join(checkpoint_dir, "metrics.json")
+            if not storage.exists(metrics_path):  # still being written
+                continue
+            epoch_by_dir[checkpoint_dir] = int(json.loads(storage.read_bytes(metrics_path))["epoch"])
+        found.append((epoch_by_dir[checkpoint_dir], checkpoint_dir))
     return sorted(found)
 
 
