@@ -112,11 +112,28 @@ def test_losses_are_zero_for_a_perfect_map_and_grow_with_error():
         assert perfect < 1e-3 < half < wrong, kind
 
 
-@pytest.mark.parametrize("recipe", [{"augmentation": "archve"}, {"refinement": {"augmentation": "wide"}}])
-def test_a_misspelt_augmentation_preset_fails_when_the_recipe_is_read(tmp_path, recipe):
+def test_polar_loss_integral_terms_are_zero_on_target_and_count_a_whole_outline_shift_in_columns():
+    import numpy as np
+    import torch
+
+    from fetalpipe.model.polar import PolarCodec
+    from fetalpipe.pipeline.train import polar_loss
+
+    codec = PolarCodec()
+    prior = np.array([400.0, 270.0, 150.0, 110.0, 0.2])
+    target = torch.from_numpy(codec.encode(prior, prior * [1, 1, 1.03, 1.03, 1]))[None]
+    on_target = torch.log(target.clamp(min=1e-9))[:, None]  # logits whose softmax is the target
+    shifted = torch.roll(on_target, 2, dims=-1)  # every row two columns further out
+    assert polar_loss(on_target, target, "cross_entropy_integral").item() == pytest.approx(polar_loss(on_target, target).item(), abs=1e-3)
+    extra = polar_loss(shifted, target, "cross_entropy_integral").item() - polar_loss(shifted, target).item()
+    assert extra == pytest.approx(4.0, abs=0.05)  # 2 columns per row + 2 columns for the image's mean
+
+
+@pytest.mark.parametrize("recipe", [{"augmentation": "archve"}, {"refinement": {"augmentation": "wide"}}, {"refinement": {"loss": "l2"}}])
+def test_a_misspelt_preset_or_loss_fails_when_the_recipe_is_read(tmp_path, recipe):
     path = tmp_path / "typo.yaml"
     path.write_text(yaml.safe_dump({"base": "ellipse_refine", **recipe}))
-    with pytest.raises(ValueError, match="unknown .*augmentation"):
+    with pytest.raises(ValueError, match="unknown (refinement )?(augmentation|loss)"):
         resolve_config(str(path))
 
 

@@ -26,7 +26,10 @@ def _model_and_fields(config_class, values: dict, what: str) -> tuple[dict, dict
 
 
 
-def _check_preset(name: str, presets: dict, what: str) -> None:
+POLAR_LOSSES = ("cross_entropy", "cross_entropy_integral")
+
+
+def _check_preset(name: str, presets, what: str) -> None:
     """A misspelt preset fails when the recipe is read, not inside a Ray job minutes later."""
     if name not in presets:
         raise ValueError(f"unknown {what} {name!r}; one of {sorted(presets)}")
@@ -50,9 +53,11 @@ class RefinementConfig:
     lr: float = 2e-3
     augment: bool = True
     augmentation: str = "standard"  # with augment: a name in `augment.REFINEMENT_AUGMENT_PRESETS`
+    loss: str = "cross_entropy"  # a name in POLAR_LOSSES (`train.polar_loss`)
 
     def __post_init__(self):
         _check_preset(self.augmentation, REFINEMENT_AUGMENT_PRESETS, "refinement augmentation")
+        _check_preset(self.loss, POLAR_LOSSES, "refinement loss")
 
     def codec(self) -> PolarCodec:
         return PolarCodec(angles=self.angles, radii=self.radii, radius_range=tuple(self.radius_range), wrap_rows=self.wrap_rows,
