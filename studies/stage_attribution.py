@@ -40,10 +40,8 @@ def stage_outputs(predictor, table: pd.DataFrame, images_uint8: list[np.ndarray]
     priors, originals = [], []
     for start in range(0, len(table), BATCH):
         pixels = [clamp_brightness(image.astype(np.float32) / 255) for image in images_uint8[start:start + BATCH]]
-        resized, transforms = zip(*(resize_to_model(image, predictor.codec.input_size) for image in pixels))
-        frame_sizes = np.array([transform.frame_size for transform in transforms])
-        points_model, _ = predictor.codec.decode(predictor.predict_heatmaps(np.stack(resized)), frame_sizes)
-        points_original = np.stack([transform.to_original(points) for transform, points in zip(transforms, points_model)])
+        resized = np.stack([resize_to_model(image, predictor.codec.input_size)[0] for image in pixels])
+        points_original, _ = predictor.locate(resized, [image.shape[1] for image in pixels], [image.shape[0] for image in pixels])
         priors.append(ellipse_geometry.from_endpoints(points_original))
         originals += pixels
     return np.concatenate(priors), originals

@@ -40,7 +40,7 @@ def test_checkpoint_listing_reads_each_metrics_file_once_with_a_cache(tmp_path):
 
     write_checkpoint("checkpoint_a", 1)
     (root / "checkpoint_b").mkdir()  # being written: no metrics.json yet
-    cache: dict[str, int] = {}
+    cache: dict[str, dict] = {}
     assert [epoch for epoch, _ in list_checkpoints(str(tmp_path), cache)] == [1]
     write_checkpoint("checkpoint_a", 99)  # not read again: the cached epoch stands
     write_checkpoint("checkpoint_b", 2)  # now complete: picked up

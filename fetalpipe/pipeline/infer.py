@@ -233,6 +233,14 @@ class LandmarkPredictor:
                 outputs.append(heatmaps.float().numpy())
         return np.concatenate(outputs)
 
+    def locate(self, images: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 1: [N >= 1] model-input images of frames WIDTHS x HEIGHTS -> ([N, 4, 2] endpoints in original pixels (NaN:
+        no head found), [N] map confidence)."""
+        transforms = [ResizeTransform.for_image(width, height, self.codec.input_size) for width, height in zip(widths, heights)]
+        frame_sizes = np.array([transform.frame_size for transform in transforms])  # the decoder fits in the stretched frame's geometry
+        points_model, peak_values = self.codec.decode(self.predict_heatmaps(images), frame_sizes)
+        return np.stack([transform.to_original(points) for transform, points in zip(transforms, points_model)]), peak_values.mean(axis=1)
+
     def refine(self, originals: np.ndarray, stage1_points_px: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Stage 2: [N >= 1] original images (float32 [H, W] in [0, 1]) and stage 1's [N, 4, 2] endpoints (original pixels) -> refined endpoints
         (original pixels) and the review flag's signals, in original pixels: how far stage 2 moved the perimeter,
@@ -277,12 +285,7 @@ class LandmarkPredictor:
         signals = {name: np.full(count, np.nan) for name in REVIEW_SIGNAL_COLUMNS}
         ok = np.flatnonzero(batch["status"] == "ok")
         if len(ok):
-            transforms = [ResizeTransform.for_image(batch["original_width"][index], batch["original_height"][index], self.codec.input_size) for index in ok]
-            frame_sizes = np.array([transform.frame_size for transform in transforms])  # the decoder fits in the stretched frame's geometry
-            points_model, peak_values = self.codec.decode(self.predict_heatmaps(batch["image"][ok]), frame_sizes)
-            for slot, index in enumerate(ok):
-                points_original[index] = transforms[slot].to_original(points_model[slot])
-            confidence[ok] = peak_values.mean(axis=1)
+            points_original[ok], confidence[ok] = self.locate(batch["image"][ok], batch["original_width"][ok], batch["original_height"][ok])
             found = ok[np.isfinite(points_original[ok]).all(axis=(1, 2))]
             if self.refinement is not None and len(found):
                 points_original[found], signals_px = self.refine(batch["original_pixels"][found], points_original[found])

@@ -230,7 +230,8 @@ def polar_loss(logits, target, kind: str = "cross_entropy"):
     log_probability = torch.log_softmax(logits[:, 0].float(), dim=-1)
     valid = (target.sum(dim=-1) > 0).float()
     cross_entropy = -(target * log_probability).sum(dim=-1)
-    loss = (cross_entropy * valid).sum() / valid.sum().clamp(min=1.0)
+    valid_rows = valid.sum().clamp(min=1.0)
+    loss = (cross_entropy * valid).sum() / valid_rows
     if kind == "cross_entropy":
         return loss
     grid = torch.arange(target.shape[-1], dtype=torch.float32)
@@ -239,7 +240,7 @@ def polar_loss(logits, target, kind: str = "cross_entropy"):
     row_error = (predicted_column - target_column).abs()
     rows_per_image = valid.sum(dim=-1).clamp(min=1.0)
     shift_per_image = (((predicted_column - target_column) * valid).sum(dim=-1) / rows_per_image).abs()
-    return loss + (row_error * valid).sum() / valid.sum().clamp(min=1.0) + shift_per_image.mean()
+    return loss + (row_error * valid).sum() / valid_rows + shift_per_image.mean()
 
 
 def refinement_errors(ellipses: np.ndarray, references: np.ndarray, pixel_spacing_mm: np.ndarray, reference_hc_mm: np.ndarray) -> pd.DataFrame:
@@ -529,7 +530,7 @@ class EpochLines:
 
         self.stage_dir, self.name, self.epochs, self.printed, self.poll_s = stage_dir, name, epochs, after_epoch, poll_s
         self.seconds: list[float] = []
-        self.epoch_by_dir: dict[str, int] = {}  # checkpoints already read (`list_checkpoints`)
+        self.metrics_by_dir: dict[str, dict] = {}  # checkpoints already read (`list_checkpoints`)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -549,10 +550,10 @@ class EpochLines:
     def print_new(self) -> None:
         from fetalpipe.runtime.console import format_seconds
 
-        for epoch, checkpoint in list_checkpoints(self.stage_dir, self.epoch_by_dir):
+        for epoch, checkpoint in list_checkpoints(self.stage_dir, self.metrics_by_dir):
             if epoch <= self.printed:
                 continue
-            metrics = json.loads(storage.read_bytes(storage.join(checkpoint, "metrics.json")))
+            metrics = self.metrics_by_dir[checkpoint]
             self.seconds.append(metrics.get("epoch_seconds", float("nan")))
             eta = format_seconds(float(np.nanmean(self.seconds)) * (self.epochs - epoch)) if np.isfinite(np.nanmean(self.seconds)) else "?"
             print(f"{self.name}: epoch {epoch}/{self.epochs}  train loss {metrics['train_loss']:.4f}  val loss {metrics['val_loss']:.4f}  "
@@ -570,12 +571,12 @@ def _write_or_check_config(run_dir: str, config: TrainConfig) -> None:
     storage.write_text(path, json.dumps(config.to_dict(), indent=2))
 
 
-def list_checkpoints(run_dir: str, epoch_by_dir: dict[str, int] | None = None) -> list[tuple[int, str]]:
+def list_checkpoints(run_dir: str, metrics_by_dir: dict[str, dict] | None = None) -> list[tuple[int, str]]:
     """(epoch, checkpoint dir) for every checkpoint Ray Train stored under RUN_DIR (a path or an object-store URI).
-    `epoch_by_dir`: a cache the caller keeps between calls (a poll), so that each checkpoint's metrics.json is read once."""
+    `metrics_by_dir`: a cache the caller keeps between calls (a poll) of each checkpoint's metrics.json, read once."""
     import pyarrow.fs
 
-    epoch_by_dir = {} if epoch_by_dir is None else epoch_by_dir
+    metrics_by_dir = {} if metrics_by_dir is None else metrics_by_dir
     found = []
     root = storage.join(run_dir, "ray_train")
     fs, root_path = storage.filesystem(root)
@@ -583,12 +584,12 @@ def list_checkpoints(run_dir: str, epoch_by_dir: dict[str, int] | None = None) -
         if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
         checkpoint_dir = storage.join(root, info.base_name)
-        if checkpoint_dir not in epoch_by_dir:
+        if checkpoint_dir not in metrics_by_dir:
             metrics_path = storage.join(checkpoint_dir, "metrics.json")
             if not storage.exists(metrics_path):  # still being written
                 continue
-            epoch_by_dir[checkpoint_dir] = int(json.loads(storage.read_bytes(metrics_path))["epoch"])
-        found.append((epoch_by_dir[checkpoint_dir], checkpoint_dir))
+            metrics_by_dir[checkpoint_dir] = json.loads(storage.read_bytes(metrics_path))
+        found.append((int(metrics_by_dir[checkpoint_dir]["epoch"]), checkpoint_dir))
     return sorted(found)
 
 
