@@ -4,7 +4,7 @@
 
 Every variant is built from the validation split, with the landmarks and the pixel spacing moved along with the
 image (so the reference HC is unchanged): a scanner screenshot (the image inside a larger frame with text, a
-greyscale bar and margins), rotations by 90°, 180° and 37° (the 90° and 37° frames are portrait or larger), heavier
+greyscale bar and margins; the frame dark grey, or black like the scan's own margins), rotations by 90°, 180° and 37° (the 90° and 37° frames are portrait or larger), heavier
 speckle and noise, brighter and darker gain and gamma, JPEG at quality 30, and half and double resolution.
 Each goes through `fetalpipe infer` and `fetalpipe evaluate` in one Ray session. The goal: HC MAE within +0.3 mm of
 the clean images, and no head lost. Prints the table and writes studies/results/robustness.json (or --results),
@@ -29,7 +29,8 @@ from fetalpipe import LANDMARK_COLUMNS, __version__  # noqa: E402
 from fetalpipe.data.imaging import read_image  # noqa: E402
 from fetalpipe.data.manifest import load_manifest  # noqa: E402
 
-VARIANTS = ("clean", "screenshot", "rotate90", "rotate180", "rotate37", "speckle", "bright", "dark", "jpeg30", "half_resolution", "double_resolution")
+VARIANTS = ("clean", "screenshot", "screenshot_black", "rotate90", "rotate180", "rotate37", "speckle", "bright", "dark", "jpeg30", "half_resolution",
+            "double_resolution")
 
 
 def _affine_points(points_px: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -41,8 +42,8 @@ def make_variant(name: str, pixels_uint8: np.ndarray, points_px: np.ndarray, spa
     height, width = pixels_uint8.shape
     if name == "clean":
         return pixels_uint8, points_px, spacing_mm, ".png"
-    if name == "screenshot":
-        canvas = np.full((height + 260, width + 420), 18, np.uint8)
+    if name in ("screenshot", "screenshot_black"):
+        canvas = np.full((height + 260, width + 420), 18 if name == "screenshot" else 0, np.uint8)
         top, left = 130, 260
         canvas[top:top + height, left:left + width] = pixels_uint8
         bar = np.linspace(255, 0, 256).astype(np.uint8)[:, None].repeat(24, axis=1)  # the greyscale bar
@@ -107,7 +108,7 @@ def main() -> None:
     parser.add_argument("--manifest", required=True, help="the validation manifest (e.g. runs/hc18_val.csv)")
     parser.add_argument("--model", help="model file (default: the shipped model)")
     parser.add_argument("--output", required=True)
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "robustness.json"))
     args = parser.parse_args()
 

@@ -40,8 +40,8 @@ def stage_outputs(predictor, table: pd.DataFrame, images_uint8: list[np.ndarray]
     priors, originals = [], []
     for start in range(0, len(table), BATCH):
         pixels = [clamp_brightness(image.astype(np.float32) / 255) for image in images_uint8[start:start + BATCH]]
-        resized = np.stack([resize_to_model(image, predictor.codec.input_size)[0] for image in pixels])
-        points_original, _ = predictor.locate(resized, [image.shape[1] for image in pixels], [image.shape[0] for image in pixels])
+        resized, transforms = zip(*(resize_to_model(image, predictor.codec.input_size) for image in pixels))
+        points_original, _ = predictor.locate(np.stack(resized), list(transforms), pixels)
         priors.append(ellipse_geometry.from_endpoints(points_original))
         originals += pixels
     return np.concatenate(priors), originals

@@ -170,3 +170,104 @@ def test_clamp_brightness_brightens_only_scans_darker_than_the_training_images()
     order = np.argsort(dark[40:500, 100:700].ravel()[:5000])
     assert (np.diff(clamped[40:500, 100:700].ravel()[:5000][order]) >= 0).all()  # a gamma keeps the order of grey levels
     assert clamp_brightness(np.zeros((10, 10), np.float32)).max() == 0  # all black: nothing to measure
+
+
+def _speckle_scan(rng, height, width):
+    """A stand-in for a scan: speckle in a sector-free rectangle, with a dark band inside (fluid) and a bright arc."""
+    scan = np.clip(rng.gamma(2.0, 0.12, (height, width)), 0, 1).astype(np.float32)
+    scan[height // 3: 2 * height // 3, width // 4: 3 * width // 4] *= 0.1
+    return scan
+
+
+def _screenshot(scan, background):
+    """The scan at (260, 130) in a 1220 x 800 frame of one grey, with a greyscale bar and lines of text."""
+    frame = np.full((scan.shape[0] + 260, scan.shape[1] + 420), background, np.float32)
+    frame[130:130 + scan.shape[0], 260:260 + scan.shape[1]] = scan
+    frame[150:406, 40:64] = np.linspace(1, 0, 256, dtype=np.float32)[:, None]
+    text = np.zeros(frame.shape, np.uint8)
+    for line in range(4):
+        cv2.putText(text, "FR 32Hz  MI 0.9  Gn 54", (20, 30 + 28 * line), cv2.FONT_HERSHEY_SIMPLEX, 0.7, 230, 1, cv2.LINE_AA)
+    return np.maximum(frame, text.astype(np.float32) / 255)
+
+
+SCREEN_GREY = 18 / 255  # a scanner screen's dark grey
+
+
+def test_scan_region_crops_a_screenshot_to_its_scan_without_cutting_it():
+    from fetalpipe.data.imaging import scan_region
+
+    scan = _speckle_scan(np.random.default_rng(1), 540, 800)
+    frame = _screenshot(scan, SCREEN_GREY)
+    left, top, width, height = scan_region(frame)
+    assert left <= 260 and top <= 130 and left + width >= 1060 and top + height >= 670  # the whole scan is kept
+    assert width * height < 0.6 * frame.size  # and the margins, the bar and the text are not
+    assert width / height == pytest.approx(1220 / 800, rel=0.01)  # the frame's stretch, so the head keeps its shape
+    # Stage 1's input is the region: a point of the scan lands where the transform says, and maps back exactly.
+    resized, transform = resize_to_model(frame, 256)
+    assert transform.region_box == (left, top, width, height) and not transform.quarter_turn
+    assert np.allclose(resized, cv2.resize(frame[top:top + height, left:left + width], (256, 256), interpolation=cv2.INTER_AREA))
+    points = np.array([[260.0, 130.0], [1059.0, 669.0], [612.3, 401.7]])
+    assert np.allclose(transform.to_original(transform.to_model(points)), points, atol=1e-9)
+    assert np.allclose(transform.to_model(np.array([left - 0.5, top - 0.5])), [-0.5, -0.5])
+
+
+def test_scan_region_keeps_whole_frames_and_marks_on_blank_frames():
+    from fetalpipe.data.imaging import scan_region
+
+    rng = np.random.default_rng(2)
+    scan = _speckle_scan(rng, 540, 800)
+    assert scan_region(scan) == (0, 0, 800, 540)  # a scan that fills its frame
+    framed = np.zeros((540, 800), np.float32)
+    framed[20:520, 30:770] = scan[20:520, 30:770]
+    assert scan_region(framed) == (0, 0, 800, 540)  # narrow margins: not worth a crop
+    dot = np.zeros((540, 800), np.float32)
+    dot[300:340, 400:440] = 1.0
+    assert scan_region(dot) == (0, 0, 800, 540)  # a mark on a blank frame is not a scan
+    busy = _screenshot(scan, SCREEN_GREY)
+    busy[700:780, :] = rng.random((80, 1220)).astype(np.float32)  # the margins carry more than text: no crop
+    assert scan_region(busy) == (0, 0, 1220, 800)
+    # Black margins are never cut: a dark scan's own edge is as black (and every HC18 frame has them outside its sector).
+    assert scan_region(_screenshot(scan, 0.0)) == (0, 0, 1220, 800)
+
+
+def test_scan_region_keeps_the_parts_of_a_scan_that_dark_tissue_separates():
+    from fetalpipe.data.imaging import scan_region
+
+    scan = _speckle_scan(np.random.default_rng(3), 540, 800)
+    scan[300:540] = SCREEN_GREY  # the far half lost to attenuation, as dark as the screen's grey ...
+    # ... but for the skull's far wall. A wall this thick is kept; one of 24 px, under a tenth of the scan's largest
+    # part, is not (`imaging.SCAN_PART_MIN_FRACTION`; on HC18's screenshots no crop cuts a head).
+    cv2.ellipse(scan, (400, 300), (300, 200), 0, 20, 160, 0.9, 32)
+    left, top, width, height = scan_region(_screenshot(scan, SCREEN_GREY))
+    assert top + height >= 130 + 500  # the wall (its lowest point: y = 500 in the scan) is inside the region
+
+
+def test_region_transform_with_a_quarter_turn_round_trips():
+    transform = ResizeTransform.for_image(1000, 1400, 256, region=(100, 200, 540, 800))
+    assert transform.quarter_turn and transform.frame_size == (800, 540)
+    points = np.array([[100.0, 200.0], [639.0, 999.0], [321.5, 654.25]])
+    assert np.allclose(transform.to_original(transform.to_model(points)), points, atol=1e-9)
+    assert np.allclose(transform.to_model(np.array([[100.0, 200.0]])), [[(799 + 0.5) * 256 / 800 - 0.5, 0.5 * 256 / 540 - 0.5]])
+
+
+
+def test_the_scan_region_travels_with_a_batch_from_decode_to_training_targets(tmp_path):
+    """Training labels and stage 1's decoding rebuild each row's transform from the batch: the crop must be in it."""
+    from fetalpipe import LANDMARK_COLUMNS
+    from fetalpipe.model.heatmaps import HeatmapCodec
+    from fetalpipe.pipeline.preprocess import decode_batch, encode_batch, scale_landmarks_batch, transforms_of
+
+    frame = _screenshot(_speckle_scan(np.random.default_rng(4), 540, 800), SCREEN_GREY)
+    path = tmp_path / "screenshot.png"
+    cv2.imwrite(str(path), np.round(frame * 255).astype(np.uint8))
+    points = np.array([[400.0, 300.0], [900.0, 500.0], [600.0, 250.0], [700.0, 550.0]])  # original pixels
+    batch = {"image_path": np.array([str(path)], dtype=object), **{column: np.array([value]) for column, value in zip(LANDMARK_COLUMNS, points.ravel())}}
+    decoded = decode_batch(batch, 256)
+    region = tuple(decoded["scan_region"][0])
+    assert region != (0, 0, 1220, 800) and region == resize_to_model(decode_image(path.read_bytes()).pixels, 256)[1].region_box
+    labelled = scale_landmarks_batch(decoded, 256)
+    expected = ResizeTransform.for_image(1220, 800, 256, region).to_model(points)
+    assert np.allclose(labelled["points_model"][0], expected, atol=1e-4)
+    encoded_batch = encode_batch(labelled, HeatmapCodec(input_size=256, heatmap_size=128, layout="ellipse"), augment=None)
+    transform = transforms_of(encoded_batch, 256)[0]  # what the validation loop decodes with
+    assert transform.region_box == region and np.allclose(transform.to_original(expected), points)

@@ -253,3 +253,39 @@ def test_many_batch_files_are_compacted_into_parts_and_nothing_changes(tmp_path,
 
     predictions.compact_if_needed(str(predictions_dir), rows)  # already compact: left as it is
     assert sorted(predictions_dir.glob("*.parquet")) == parts
+
+
+def test_stage1_measures_a_cropped_frame_again_whole_when_its_head_runs_off_the_crop():
+    """A scan so dark that its edge passed for background can be cropped through the head: stage 1's outline then runs
+    off the region, and that frame alone goes through stage 1 again, whole."""
+    from fetalpipe.data.imaging import ResizeTransform
+    from fetalpipe.measure import ellipse as ellipse_geometry
+    from fetalpipe.pipeline.infer import LandmarkPredictor
+
+    def endpoints(centre_x, centre_y, semi_major, semi_minor):
+        return ellipse_geometry.to_endpoints(np.array([[centre_x, centre_y, semi_major, semi_minor, 0.0]]))[0]
+
+    inside, off_the_crop, whole_frame_answer = endpoints(500, 400, 150, 100), endpoints(500, 400, 300, 200), endpoints(520, 410, 320, 210)
+    cropped = ResizeTransform.for_image(1220, 800, 256, region=(260, 130, 800, 540))
+    calls = []
+
+    class Predictor(LandmarkPredictor):
+        def __init__(self):
+            self.codec = type("Codec", (), {"input_size": 256})()
+
+        def _locate(self, images, transforms):
+            calls.append([t.is_cropped for t in transforms])
+            if all(t.is_cropped for t in transforms):
+                return np.stack([inside, off_the_crop, inside]), np.array([0.9, 0.9, 0.9])
+            return np.stack([whole_frame_answer] * len(transforms)), np.full(len(transforms), 0.5)
+
+    whole = ResizeTransform.for_image(1220, 800, 256)
+    originals = [np.zeros((800, 1220), np.float32)] * 3
+    assert cropped.outline_share_off_region(off_the_crop) > 0 and cropped.outline_share_off_region(inside) == 0
+    points, confidence = Predictor().locate(np.zeros((3, 256, 256), np.float32), [cropped, cropped, cropped], originals)
+    assert calls == [[True, True, True], [False]]  # one more pass, for the one frame whose head ran off its crop
+    assert np.allclose(points[[0, 2]], [inside, inside]) and np.allclose(points[1], whole_frame_answer)
+    assert confidence.tolist() == [0.9, 0.5, 0.9]
+    calls.clear()
+    Predictor().locate(np.zeros((1, 256, 256), np.float32), [whole], originals[:1])
+    assert calls == [[False]]  # an uncropped frame is never measured twice

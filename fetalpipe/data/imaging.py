@@ -3,7 +3,8 @@
 Two coordinate spaces exist in fetalpipe:
   * original pixels: the decoded image as stored on disk (x right, y down, OpenCV pixel-centre
     convention: the centre of the top-left pixel is (0, 0));
-  * model pixels: the resized network input (``input_size`` × ``input_size``).
+  * model pixels: the resized network input (``input_size`` × ``input_size``): the frame, or the scan region found
+    in it (`scan_region`: a scanner screenshot's scan without its margins), stretched to a square.
 `ResizeTransform` is the only place that converts between them.
 """
 
@@ -23,6 +24,16 @@ DICOM_MAGIC_OFFSET = 128
 # (`content_median`), measured by `python studies/content_brightness.py --manifest runs/hc18_train.csv`.
 TRAINING_DARKEST_CONTENT_MEDIAN = 0.059
 BLACK_LEVEL = 5 / 255  # pixels at or below this are the black outside the scan's sector, not content
+# `scan_region`: a frame is cropped to its scan only where its border is not black, the scan covers less than this
+# share of it (a screenshot's scan: 45 %) and the rest is nearly all the border's colour (text and a greyscale bar are
+# the rest). No HC18 frame is cropped (python studies/scan_region.py --manifest runs/hc18.csv).
+SCAN_MAX_AREA_FRACTION = 0.75
+SCAN_MIN_AREA_FRACTION = 0.2  # less is a mark on a blank frame, not a scan: the frame is used whole
+SCAN_MIN_BACKGROUND_FRACTION = 0.9
+SCAN_BACKGROUND_TOLERANCE = 0.03  # grey levels within this of the border's median are background
+SCAN_PART_MIN_FRACTION = 0.1  # a region this share of the largest one's size is part of the scan
+SCAN_MARGIN_FRACTION = 0.04  # kept around the scan, of its size on each side
+SCAN_SEARCH_LONG_SIDE_PX = 256  # the search runs on the frame shrunk to at most this (under 1 ms)
 
 
 class ImageDecodeError(ValueError):
@@ -37,23 +48,32 @@ class DecodedImage:
 
 @dataclass(frozen=True)
 class ResizeTransform:
-    """The stretch from an original image (width × height) to a square model input. With `quarter_turn` (portrait
-    frames: `for_image`) the image is first turned 90° clockwise, so that stage 1 always sees a landscape frame and a
+    """The stretch from an original image (width × height), or from its `region` (left, top, width, height in original
+    pixels: the scan inside a screenshot, `scan_region`), to a square model input. With `quarter_turn` (portrait
+    frames: `for_image`) the region is first turned 90° clockwise, so that stage 1 always sees a landscape frame and a
     head stretched the way it was in training; a head upside down after the turn is one the flips of training cover."""
 
     original_width: int
     original_height: int
     input_size: int
     quarter_turn: bool = False
+    region: tuple[int, int, int, int] | None = None  # None: the whole frame
 
     @classmethod
-    def for_image(cls, width: int, height: int, input_size: int) -> "ResizeTransform":
-        return cls(int(width), int(height), input_size, quarter_turn=height > width)
+    def for_image(cls, width: int, height: int, input_size: int, region=None) -> "ResizeTransform":
+        region = (0, 0, int(width), int(height)) if region is None else tuple(int(value) for value in region)
+        return cls(int(width), int(height), input_size, quarter_turn=region[3] > region[2], region=region)
+
+    @property
+    def region_box(self) -> tuple[int, int, int, int]:
+        """(left, top, width, height) of the part of the original that is stretched."""
+        return self.region if self.region is not None else (0, 0, self.original_width, self.original_height)
 
     @property
     def frame_size(self) -> tuple[int, int]:
-        """(width, height) of the frame that is stretched: the original, or the original turned a quarter."""
-        return (self.original_height, self.original_width) if self.quarter_turn else (self.original_width, self.original_height)
+        """(width, height) of the frame that is stretched: the region, or the region turned a quarter."""
+        _, _, width, height = self.region_box
+        return (height, width) if self.quarter_turn else (width, height)
 
     @property
     def scale_xy(self) -> np.ndarray:
@@ -63,17 +83,34 @@ class ResizeTransform:
 
     def to_model(self, points_original_px: np.ndarray) -> np.ndarray:
         """Original-pixel points [..., 2] to model-input pixels (pixel-centre aligned, as cv2.resize)."""
-        points = np.asarray(points_original_px, dtype=np.float64)
+        left, top, _, height = self.region_box
+        points = np.asarray(points_original_px, dtype=np.float64) - [left, top]
         if self.quarter_turn:  # clockwise: (x, y) -> (H - 1 - y, x)
-            points = np.stack([self.original_height - 1 - points[..., 1], points[..., 0]], axis=-1)
+            points = np.stack([height - 1 - points[..., 1], points[..., 0]], axis=-1)
         return (points + 0.5) * self.scale_xy - 0.5
+
+    @property
+    def is_cropped(self) -> bool:
+        return self.region_box != (0, 0, self.original_width, self.original_height)
+
+    def outline_share_off_region(self, points_original_px: np.ndarray) -> float:
+        """Of an ellipse's outline (its [4, 2] endpoints, original pixels) inside the frame, the share outside the region:
+        above 0, the crop may have cut the head."""
+        from fetalpipe.measure import ellipse as ellipse_geometry
+
+        outline = ellipse_geometry.outline(ellipse_geometry.from_endpoints(points_original_px), 180)
+        left, top, width, height = self.region_box
+        in_frame = (outline >= 0).all(axis=1) & (outline[:, 0] <= self.original_width - 1) & (outline[:, 1] <= self.original_height - 1)
+        in_region = (outline[:, 0] >= left) & (outline[:, 0] <= left + width - 1) & (outline[:, 1] >= top) & (outline[:, 1] <= top + height - 1)
+        return float(np.mean(in_frame & ~in_region))
 
     def to_original(self, points_model_px: np.ndarray) -> np.ndarray:
         """Model-input pixel points [..., 2] back to original pixels."""
+        left, top, _, height = self.region_box
         points = (np.asarray(points_model_px, dtype=np.float64) + 0.5) / self.scale_xy - 0.5
         if self.quarter_turn:
-            points = np.stack([points[..., 1], self.original_height - 1 - points[..., 0]], axis=-1)
-        return points
+            points = np.stack([points[..., 1], height - 1 - points[..., 0]], axis=-1)
+        return points + [left, top]
 
 
 def is_dicom(data: bytes) -> bool:
@@ -138,11 +175,64 @@ def clamp_brightness(pixels: np.ndarray, darkest_content_median: float = TRAININ
     return (np.clip(pixels, 0.0, 1.0) ** gamma).astype(np.float32)
 
 
-def resize_to_model(pixels: np.ndarray, input_size: int) -> tuple[np.ndarray, ResizeTransform]:
-    """Stretch a [H, W] float image to [input_size, input_size] (the seed's resize; a portrait frame is turned a quarter
-    first, `ResizeTransform.for_image`), with its transform."""
+def scan_region(pixels: np.ndarray, black_margins: bool = False) -> tuple[int, int, int, int]:
+    """Where the scan is in a [H, W] float frame, as (left, top, width, height) in original pixels: the whole frame,
+    unless the frame holds the scan inside wide margins of one colour other than black (a scanner screenshot, with its
+    text and greyscale bar). Then the scan's box, with a margin, grown to the frame's aspect ratio, so that stage 1 sees the
+    head stretched as in training and larger: a screenshot's frame makes an early head small enough to be missed.
+    The scan is where the grey level differs from the frame border's median: the largest such region and the parts
+    of it that dark tissue leaves apart. The crop is taken only where what it cuts away is nearly all the border's
+    colour, so a head is never cut (`studies/scan_region.py` checks that on HC18 and its screenshots). `black_margins`
+    crops inside black margins too: measured, and not safe (`studies/scan_region.py --black-margins`)."""
     height, width = pixels.shape
-    transform = ResizeTransform.for_image(width, height, input_size)
+    whole = (0, 0, width, height)
+    shrink = max(1, int(np.ceil(max(height, width) / SCAN_SEARCH_LONG_SIDE_PX)))  # a whole factor: cv2's fast area average
+    small_width, small_height = width // shrink, height // shrink
+    if shrink > 1:
+        small = cv2.resize(pixels[:small_height * shrink, :small_width * shrink], (small_width, small_height), interpolation=cv2.INTER_AREA)
+    else:
+        small = pixels
+    edge = max(1, round(0.02 * min(small_width, small_height)))
+    border = np.concatenate([small[:edge].ravel(), small[-edge:].ravel(), small[:, :edge].ravel(), small[:, -edge:].ravel()])
+    background = float(np.median(border))
+    if background <= BLACK_LEVEL and not black_margins:
+        # Black margins: HC18's own frames have them outside the sector, and a dark scan's edge is as black: cropped
+        # there, 15 of HC18's 793 frames in the darker variant lose part of the head (docs/experiments.md, robustness).
+        return whole
+    differs = np.abs(small - background) > SCAN_BACKGROUND_TOLERANCE
+    mask = cv2.morphologyEx(differs.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))  # drops text strokes
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((7, 7), np.uint8))  # joins the scan across dark tissue
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask)
+    if count < 2:
+        return whole
+    # The scan, and every part of it its dark tissue leaves apart (a late head's far wall): each region at least a
+    # fraction of the largest one's size. Text and small marks are left out; a crop only grows by what is kept.
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    kept = stats[1:][areas >= SCAN_PART_MIN_FRACTION * areas.max()]
+    x, y = kept[:, 0].min(), kept[:, 1].min()
+    box_width, box_height = (kept[:, 0] + kept[:, 2]).max() - x, (kept[:, 1] + kept[:, 3]).max() - y
+    outside = np.ones_like(differs)
+    outside[y:y + box_height, x:x + box_width] = False
+    area_fraction = box_width * box_height / (small_width * small_height)
+    if not SCAN_MIN_AREA_FRACTION <= area_fraction < SCAN_MAX_AREA_FRACTION or np.mean(differs[outside]) > 1 - SCAN_MIN_BACKGROUND_FRACTION:
+        return whole
+    # Back to original pixels, with the margin, then grown to the frame's aspect ratio about the box's centre.
+    centre = np.array([x + box_width / 2, y + box_height / 2]) * shrink
+    size = np.array([box_width, box_height]) * shrink * (1 + 2 * SCAN_MARGIN_FRACTION)
+    size = np.maximum(size, [size[1] * width / height, size[0] * height / width])
+    size = np.minimum(np.ceil(size), [width, height]).astype(int)
+    left, top = np.clip(np.round(centre - size / 2).astype(int), 0, [width - size[0], height - size[1]])
+    return int(left), int(top), int(size[0]), int(size[1])
+
+
+def resize_to_model(pixels: np.ndarray, input_size: int, whole_frame: bool = False) -> tuple[np.ndarray, ResizeTransform]:
+    """Stretch a [H, W] float image's scan region (`scan_region`: the whole frame but for screenshots; with
+    `whole_frame`, the whole frame) to [input_size, input_size] (the seed's resize; a portrait frame is turned a
+    quarter first, `ResizeTransform.for_image`), with its transform."""
+    height, width = pixels.shape
+    transform = ResizeTransform.for_image(width, height, input_size, None if whole_frame else scan_region(pixels))
+    left, top, width, height = transform.region_box
+    pixels = pixels[top:top + height, left:left + width]
     if transform.quarter_turn:
         pixels = cv2.rotate(pixels, cv2.ROTATE_90_CLOCKWISE)
     interpolation = cv2.INTER_AREA if (width > input_size or height > input_size) else cv2.INTER_LINEAR

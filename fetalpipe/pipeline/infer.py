@@ -233,10 +233,24 @@ class LandmarkPredictor:
                 outputs.append(heatmaps.float().numpy())
         return np.concatenate(outputs)
 
-    def locate(self, images: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Stage 1: [N >= 1] model-input images of frames WIDTHS x HEIGHTS -> ([N, 4, 2] endpoints in original pixels (NaN:
-        no head found), [N] map confidence)."""
-        transforms = [ResizeTransform.for_image(width, height, self.codec.input_size) for width, height in zip(widths, heights)]
+    def locate(self, images: np.ndarray, transforms: list[ResizeTransform], originals=None) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 1: [N >= 1] model-input images and the transforms that made them (`preprocess.transforms_of`) -> ([N, 4, 2]
+        endpoints in original pixels (NaN: no head found), [N] map confidence). With the ORIGINALS (float32 [H, W]), a
+        frame cropped to its scan whose head runs off the crop (a scan so dark that its edge passed for background) is
+        measured again whole."""
+        from fetalpipe.data.imaging import resize_to_model
+
+        points_original, confidence = self._locate(images, transforms)
+        if originals is None:
+            return points_original, confidence
+        redo = [index for index, transform in enumerate(transforms) if transform.is_cropped and
+                (not np.isfinite(points_original[index]).all() or transform.outline_share_off_region(points_original[index]) > 0)]
+        if redo:
+            whole_images, whole_transforms = zip(*(resize_to_model(originals[index], self.codec.input_size, whole_frame=True) for index in redo))
+            points_original[redo], confidence[redo] = self._locate(np.stack(whole_images), list(whole_transforms))
+        return points_original, confidence
+
+    def _locate(self, images: np.ndarray, transforms: list[ResizeTransform]) -> tuple[np.ndarray, np.ndarray]:
         frame_sizes = np.array([transform.frame_size for transform in transforms])  # the decoder fits in the stretched frame's geometry
         points_model, peak_values = self.codec.decode(self.predict_heatmaps(images), frame_sizes)
         return np.stack([transform.to_original(points) for transform, points in zip(transforms, points_model)]), peak_values.mean(axis=1)
@@ -285,7 +299,10 @@ class LandmarkPredictor:
         signals = {name: np.full(count, np.nan) for name in REVIEW_SIGNAL_COLUMNS}
         ok = np.flatnonzero(batch["status"] == "ok")
         if len(ok):
-            points_original[ok], confidence[ok] = self.locate(batch["image"][ok], batch["original_width"][ok], batch["original_height"][ok])
+            from fetalpipe.pipeline.preprocess import transforms_of
+
+            transforms = transforms_of({key: batch[key][ok] for key in ("original_width", "original_height", "scan_region")}, self.codec.input_size)
+            points_original[ok], confidence[ok] = self.locate(batch["image"][ok], transforms, batch["original_pixels"][ok] if "original_pixels" in batch else None)
             found = ok[np.isfinite(points_original[ok]).all(axis=(1, 2))]
             if self.refinement is not None and len(found):
                 points_original[found], signals_px = self.refine(batch["original_pixels"][found], points_original[found])
@@ -295,7 +312,7 @@ class LandmarkPredictor:
             if self.calibration is not None:
                 points_original[ok], calibration_scale[ok] = self.calibration.apply(points_original[ok], batch["pixel_spacing_mm"][ok])
             signals.update(plausibility_signals(points_original, batch["original_width"], batch["original_height"]))
-        output = {key: value for key, value in batch.items() if key not in ("image", "original_pixels")}
+        output = {key: value for key, value in batch.items() if key not in ("image", "original_pixels", "scan_region")}
         not_found = (batch["status"] == "ok") & np.isnan(points_original).any(axis=(1, 2))
         calibration_scale[not_found] = np.nan
         if not_found.any():

@@ -20,12 +20,14 @@ from fetalpipe.model.polar import PolarCodec, jitter
 
 
 def decode_batch(batch: dict[str, np.ndarray], input_size: int, keep_original: bool = False) -> dict[str, np.ndarray]:
-    """Add ``image`` (float32 [B, S, S] in [0, 1], after `imaging.clamp_brightness`), original size, file hash, status and error. With `keep_original`
+    """Add ``image`` (float32 [B, S, S] in [0, 1], after `imaging.clamp_brightness`), original size, ``scan_region`` (int64 [B, 4]: the
+    (left, top, width, height) in original pixels that ``image`` stretches, `imaging.scan_region`), file hash, status and error. With `keep_original`
     also ``original_pixels``: each image at its stored size, float32 [H, W] (what the refinement stage crops)."""
     count = len(batch["image_path"])
     images = np.zeros((count, input_size, input_size), dtype=np.float32)
     widths = np.zeros(count, dtype=np.int64)
     heights = np.zeros(count, dtype=np.int64)
+    regions = np.zeros((count, 4), dtype=np.int64)
     hashes = np.empty(count, dtype=object)
     statuses = np.empty(count, dtype=object)
     errors = np.empty(count, dtype=object)
@@ -42,6 +44,7 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: int, keep_original: b
             if keep_original:
                 originals[index] = pixels
             widths[index], heights[index] = transform.original_width, transform.original_height
+            regions[index] = transform.region_box
             if np.isnan(spacing[index]) and decoded.pixel_spacing_mm is not None:
                 spacing[index] = decoded.pixel_spacing_mm
         except ImageDecodeError as error:
@@ -55,6 +58,7 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: int, keep_original: b
         "image": images,
         "original_width": widths,
         "original_height": heights,
+        "scan_region": regions,
         "file_sha256": hashes,
         "pixel_spacing_mm": spacing,
         "status": statuses,
@@ -63,9 +67,11 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: int, keep_original: b
 
 
 def transforms_of(batch: dict[str, np.ndarray], input_size: int) -> list[ResizeTransform]:
+    """Each row's transform, from the size and scan region `decode_batch` recorded."""
+    regions = batch["scan_region"] if "scan_region" in batch else [None] * len(batch["original_width"])
     return [
-        ResizeTransform.for_image(int(width), int(height), input_size)
-        for width, height in zip(batch["original_width"], batch["original_height"])
+        ResizeTransform.for_image(int(width), int(height), input_size, region)
+        for width, height, region in zip(batch["original_width"], batch["original_height"], regions)
     ]
 
 
@@ -95,7 +101,7 @@ def encode_batch(batch: dict[str, np.ndarray], codec: HeatmapCodec, augment: Aug
         "image": images[:, None],
         "heatmaps": codec.encode(points) if len(points) else np.zeros((0, *codec.target_shape), np.float32),  # or coordinates
     }
-    for key in ("points_original", "original_width", "original_height", "pixel_spacing_mm", "hc_mm"):
+    for key in ("points_original", "original_width", "original_height", "scan_region", "pixel_spacing_mm", "hc_mm"):
         if key in batch:
             output[key] = np.asarray(batch[key])
     return output
