@@ -34,14 +34,15 @@ BATCH = 32
 
 def stage_outputs(predictor, table: pd.DataFrame, images_uint8: list[np.ndarray]):
     """(stage-1 prior ellipses [N, 5], original images float32 [H, W]) in original pixels, for images given in memory."""
-    from fetalpipe.data.imaging import clamp_brightness, resize_to_model
+    from fetalpipe.data.imaging import clamp_brightness
     from fetalpipe.measure import ellipse as ellipse_geometry
+    from fetalpipe.pipeline.preprocess import stage1_input
 
     priors, originals = [], []
     for start in range(0, len(table), BATCH):
         pixels = [clamp_brightness(image.astype(np.float32) / 255) for image in images_uint8[start:start + BATCH]]
-        resized, transforms = zip(*(resize_to_model(image, predictor.codec.input_size) for image in pixels))
-        points_original, _ = predictor.locate(np.stack(resized), list(transforms), pixels)
+        images, transforms, candidates = zip(*(stage1_input(image, predictor.codec.input_size) for image in pixels))
+        points_original, _ = predictor.locate(np.stack(images), list(transforms), pixels, np.array(candidates))
         priors.append(ellipse_geometry.from_endpoints(points_original))
         originals += pixels
     return np.concatenate(priors), originals

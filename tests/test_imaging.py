@@ -203,7 +203,7 @@ def test_scan_region_crops_a_screenshot_to_its_scan_without_cutting_it():
     assert width * height < 0.6 * frame.size  # and the margins, the bar and the text are not
     assert width / height == pytest.approx(1220 / 800, rel=0.01)  # the frame's stretch, so the head keeps its shape
     # Stage 1's input is the region: a point of the scan lands where the transform says, and maps back exactly.
-    resized, transform = resize_to_model(frame, 256)
+    resized, transform = resize_to_model(frame, 256, (left, top, width, height))
     assert transform.region_box == (left, top, width, height) and not transform.quarter_turn
     assert np.allclose(resized, cv2.resize(frame[top:top + height, left:left + width], (256, 256), interpolation=cv2.INTER_AREA))
     points = np.array([[260.0, 130.0], [1059.0, 669.0], [612.3, 401.7]])
@@ -255,6 +255,7 @@ def test_the_scan_region_travels_with_a_batch_from_decode_to_training_targets(tm
     """Training labels and stage 1's decoding rebuild each row's transform from the batch: the crop must be in it."""
     from fetalpipe import LANDMARK_COLUMNS
     from fetalpipe.model.heatmaps import HeatmapCodec
+    from fetalpipe.data.imaging import scan_region
     from fetalpipe.pipeline.preprocess import decode_batch, encode_batch, scale_landmarks_batch, transforms_of
 
     frame = _screenshot(_speckle_scan(np.random.default_rng(4), 540, 800), SCREEN_GREY)
@@ -264,10 +265,24 @@ def test_the_scan_region_travels_with_a_batch_from_decode_to_training_targets(tm
     batch = {"image_path": np.array([str(path)], dtype=object), **{column: np.array([value]) for column, value in zip(LANDMARK_COLUMNS, points.ravel())}}
     decoded = decode_batch(batch, 256)
     region = tuple(decoded["scan_region"][0])
-    assert region != (0, 0, 1220, 800) and region == resize_to_model(decode_image(path.read_bytes()).pixels, 256)[1].region_box
+    assert region != (0, 0, 1220, 800) and region == scan_region(decode_image(path.read_bytes()).pixels)
     labelled = scale_landmarks_batch(decoded, 256)
     expected = ResizeTransform.for_image(1220, 800, 256, region).to_model(points)
     assert np.allclose(labelled["points_model"][0], expected, atol=1e-4)
     encoded_batch = encode_batch(labelled, HeatmapCodec(input_size=256, heatmap_size=128, layout="ellipse"), augment=None)
     transform = transforms_of(encoded_batch, 256)[0]  # what the validation loop decodes with
     assert transform.region_box == region and np.allclose(transform.to_original(expected), points)
+
+
+def test_stage1_input_crops_inside_grey_margins_at_once_and_only_proposes_a_crop_inside_black_ones():
+    from fetalpipe.data.imaging import scan_region
+    from fetalpipe.pipeline.preprocess import stage1_input
+
+    scan = _speckle_scan(np.random.default_rng(5), 540, 800)
+    grey, black = _screenshot(scan, SCREEN_GREY), _screenshot(scan, 0.0)
+    _, transform, candidate = stage1_input(grey, 256)
+    assert transform.is_cropped and transform.region_box == candidate == scan_region(grey)
+    _, transform, candidate = stage1_input(black, 256)
+    assert not transform.is_cropped and candidate == scan_region(black, black_margins=True) != (0, 0, 1220, 800)
+    _, transform, candidate = stage1_input(scan, 256)
+    assert not transform.is_cropped and candidate == (0, 0, 800, 540)

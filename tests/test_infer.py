@@ -255,37 +255,74 @@ def test_many_batch_files_are_compacted_into_parts_and_nothing_changes(tmp_path,
     assert sorted(predictions_dir.glob("*.parquet")) == parts
 
 
-def test_stage1_measures_a_cropped_frame_again_whole_when_its_head_runs_off_the_crop():
-    """A scan so dark that its edge passed for background can be cropped through the head: stage 1's outline then runs
-    off the region, and that frame alone goes through stage 1 again, whole."""
-    from fetalpipe.data.imaging import ResizeTransform
+
+def _ellipse_endpoints(centre_x, centre_y, semi_major, semi_minor):
     from fetalpipe.measure import ellipse as ellipse_geometry
+
+    return ellipse_geometry.to_endpoints(np.array([[centre_x, centre_y, semi_major, semi_minor, 0.0]]))[0]
+
+
+def _stub_stage1(answer):
+    """A LandmarkPredictor whose stage 1 is ANSWER(transforms) -> (points, confidence); `calls` holds each call's regions."""
     from fetalpipe.pipeline.infer import LandmarkPredictor
 
-    def endpoints(centre_x, centre_y, semi_major, semi_minor):
-        return ellipse_geometry.to_endpoints(np.array([[centre_x, centre_y, semi_major, semi_minor, 0.0]]))[0]
-
-    inside, off_the_crop, whole_frame_answer = endpoints(500, 400, 150, 100), endpoints(500, 400, 300, 200), endpoints(520, 410, 320, 210)
-    cropped = ResizeTransform.for_image(1220, 800, 256, region=(260, 130, 800, 540))
-    calls = []
-
-    class Predictor(LandmarkPredictor):
+    class Stub(LandmarkPredictor):
         def __init__(self):
             self.codec = type("Codec", (), {"input_size": 256})()
+            self.calls = []
 
         def _locate(self, images, transforms):
-            calls.append([t.is_cropped for t in transforms])
-            if all(t.is_cropped for t in transforms):
-                return np.stack([inside, off_the_crop, inside]), np.array([0.9, 0.9, 0.9])
-            return np.stack([whole_frame_answer] * len(transforms)), np.full(len(transforms), 0.5)
+            self.calls.append([transform.region_box for transform in transforms])
+            return answer(transforms)
+
+    return Stub()
+
+
+def test_stage1_measures_a_cropped_frame_again_whole_when_its_head_runs_off_the_crop():
+    """A cropped frame whose stage-1 outline runs off the crop (its scan's edge passed for margin) is measured again,
+    alone and whole."""
+    from fetalpipe.data.imaging import ResizeTransform
+
+    inside, off_the_crop, whole_frame_answer = _ellipse_endpoints(500, 400, 150, 100), _ellipse_endpoints(500, 400, 300, 200), _ellipse_endpoints(520, 410, 320, 210)
+    region, whole_box = (260, 130, 800, 540), (0, 0, 1220, 800)
+    cropped = ResizeTransform.for_image(1220, 800, 256, region=region)
+
+    def answer(transforms):
+        if all(t.is_cropped for t in transforms):
+            return np.stack([inside, off_the_crop, inside]), np.array([0.9, 0.9, 0.9])
+        return np.stack([whole_frame_answer] * len(transforms)), np.full(len(transforms), 0.5)
+
+    originals = [np.zeros((800, 1220), np.float32)] * 3
+    assert cropped.outline_share_off_region(off_the_crop) > 0 and cropped.outline_share_off_region(inside) == 0
+    predictor = _stub_stage1(answer)
+    points, confidence = predictor.locate(np.zeros((3, 256, 256), np.float32), [cropped] * 3, originals)
+    assert predictor.calls == [[region] * 3, [whole_box]]  # one more pass, for the one frame whose head ran off its crop
+    assert np.allclose(points[[0, 2]], [inside, inside]) and np.allclose(points[1], whole_frame_answer)
+    assert confidence.tolist() == [0.9, 0.5, 0.9]
+    predictor = _stub_stage1(answer)
+    predictor.locate(np.zeros((1, 256, 256), np.float32), [ResizeTransform.for_image(1220, 800, 256)], originals[:1])
+    assert predictor.calls == [[whole_box]]  # an uncropped frame without a candidate is measured once
+
+
+def test_stage1_confirms_a_scan_inside_black_margins_only_where_both_passes_find_the_head_inside_it():
+    """Inside black margins the scan's box may be a dark scan's edge: the crop is measured only where the whole frame's
+    head lies inside it, and its answer kept only where that head lies inside it too."""
+    from fetalpipe.data.imaging import ResizeTransform
+
+    candidate, whole_box = (260, 130, 800, 540), (0, 0, 1220, 800)
+    small_inside, large_off = _ellipse_endpoints(600, 400, 150, 100), _ellipse_endpoints(600, 400, 380, 250)
+    crop_answers = [_ellipse_endpoints(610, 405, 160, 110), large_off]  # row 0's crop pass stays inside, row 1's runs off
+
+    def answer(transforms):
+        if all(not t.is_cropped for t in transforms):  # the whole frames: rows 0 and 1 inside the candidate, row 2 not
+            return np.stack([small_inside, small_inside, large_off]), np.array([0.5, 0.5, 0.5])
+        return np.stack(crop_answers[:len(transforms)]), np.full(len(transforms), 0.9)
 
     whole = ResizeTransform.for_image(1220, 800, 256)
     originals = [np.zeros((800, 1220), np.float32)] * 3
-    assert cropped.outline_share_off_region(off_the_crop) > 0 and cropped.outline_share_off_region(inside) == 0
-    points, confidence = Predictor().locate(np.zeros((3, 256, 256), np.float32), [cropped, cropped, cropped], originals)
-    assert calls == [[True, True, True], [False]]  # one more pass, for the one frame whose head ran off its crop
-    assert np.allclose(points[[0, 2]], [inside, inside]) and np.allclose(points[1], whole_frame_answer)
-    assert confidence.tolist() == [0.9, 0.5, 0.9]
-    calls.clear()
-    Predictor().locate(np.zeros((1, 256, 256), np.float32), [whole], originals[:1])
-    assert calls == [[False]]  # an uncropped frame is never measured twice
+    predictor = _stub_stage1(answer)
+    points, confidence = predictor.locate(np.zeros((3, 256, 256), np.float32), [whole] * 3, originals, np.array([candidate] * 3))
+    assert predictor.calls == [[whole_box] * 3, [candidate, candidate]]  # row 2's head runs off the candidate: not tried
+    assert np.allclose(points[0], crop_answers[0]) and confidence[0] == 0.9  # confirmed twice: the crop's answer
+    assert np.allclose(points[1], small_inside) and confidence[1] == 0.5  # the crop's head ran off it: the whole frame's
+    assert np.allclose(points[2], large_off)

@@ -24,9 +24,10 @@ DICOM_MAGIC_OFFSET = 128
 # (`content_median`), measured by `python studies/content_brightness.py --manifest runs/hc18_train.csv`.
 TRAINING_DARKEST_CONTENT_MEDIAN = 0.059
 BLACK_LEVEL = 5 / 255  # pixels at or below this are the black outside the scan's sector, not content
-# `scan_region`: a frame is cropped to its scan only where its border is not black, the scan covers less than this
-# share of it (a screenshot's scan: 45 %) and the rest is nearly all the border's colour (text and a greyscale bar are
-# the rest). No HC18 frame is cropped (python studies/scan_region.py --manifest runs/hc18.csv).
+# `scan_region`: a frame is cropped to its scan only where its border is not black (inside black margins the crop is a
+# candidate that stage 1 confirms), the scan covers less than this share of it (a screenshot's scan: 45 %) and the rest
+# is nearly all the border's colour (text and a greyscale bar are the rest). No HC18 frame is cropped at once
+# (python studies/scan_region.py --manifest runs/hc18.csv).
 SCAN_MAX_AREA_FRACTION = 0.75
 SCAN_MIN_AREA_FRACTION = 0.2  # less is a mark on a blank frame, not a scan: the frame is used whole
 SCAN_MIN_BACKGROUND_FRACTION = 0.9
@@ -182,24 +183,23 @@ def scan_region(pixels: np.ndarray, black_margins: bool = False) -> tuple[int, i
     head stretched as in training and larger: a screenshot's frame makes an early head small enough to be missed.
     The scan is where the grey level differs from the frame border's median: the largest such region and the parts
     of it that dark tissue leaves apart. The crop is taken only where what it cuts away is nearly all the border's
-    colour, so a head is never cut (`studies/scan_region.py` checks that on HC18 and its screenshots). `black_margins`
-    crops inside black margins too: measured, and not safe (`studies/scan_region.py --black-margins`)."""
+    colour, so a head is never cut (`studies/scan_region.py` checks that on HC18 and its screenshots). With
+    `black_margins` it looks inside black margins too. That box is only a candidate: a dark scan's edge is as black
+    (`studies/scan_region.py --black-margins`), so stage 1 must confirm it (`preprocess.stage1_input`,
+    `LandmarkPredictor.locate`)."""
     height, width = pixels.shape
     whole = (0, 0, width, height)
+    if not black_margins and has_black_margins(pixels):
+        # Black margins: HC18's own frames have them outside the sector, and a dark scan's edge is as black: cropped
+        # there, 15 of HC18's 793 frames in the darker variant would lose part of the head (docs/experiments.md).
+        return whole
     shrink = max(1, int(np.ceil(max(height, width) / SCAN_SEARCH_LONG_SIDE_PX)))  # a whole factor: cv2's fast area average
     small_width, small_height = width // shrink, height // shrink
     if shrink > 1:
         small = cv2.resize(pixels[:small_height * shrink, :small_width * shrink], (small_width, small_height), interpolation=cv2.INTER_AREA)
     else:
         small = pixels
-    edge = max(1, round(0.02 * min(small_width, small_height)))
-    border = np.concatenate([small[:edge].ravel(), small[-edge:].ravel(), small[:, :edge].ravel(), small[:, -edge:].ravel()])
-    background = float(np.median(border))
-    if background <= BLACK_LEVEL and not black_margins:
-        # Black margins: HC18's own frames have them outside the sector, and a dark scan's edge is as black: cropped
-        # there, 15 of HC18's 793 frames in the darker variant lose part of the head (docs/experiments.md, robustness).
-        return whole
-    differs = np.abs(small - background) > SCAN_BACKGROUND_TOLERANCE
+    differs = np.abs(small - _border_median(small)) > SCAN_BACKGROUND_TOLERANCE
     mask = cv2.morphologyEx(differs.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))  # drops text strokes
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((7, 7), np.uint8))  # joins the scan across dark tissue
     count, _, stats, _ = cv2.connectedComponentsWithStats(mask)
@@ -225,12 +225,23 @@ def scan_region(pixels: np.ndarray, black_margins: bool = False) -> tuple[int, i
     return int(left), int(top), int(size[0]), int(size[1])
 
 
-def resize_to_model(pixels: np.ndarray, input_size: int, whole_frame: bool = False) -> tuple[np.ndarray, ResizeTransform]:
-    """Stretch a [H, W] float image's scan region (`scan_region`: the whole frame but for screenshots; with
-    `whole_frame`, the whole frame) to [input_size, input_size] (the seed's resize; a portrait frame is turned a
-    quarter first, `ResizeTransform.for_image`), with its transform."""
+def has_black_margins(pixels: np.ndarray) -> bool:
+    """Whether the frame's border (its outer 2 % on every side) is mostly black, as HC18's frames are outside the sector."""
+    return _border_median(pixels[::4, ::4]) <= BLACK_LEVEL
+
+
+def _border_median(image: np.ndarray) -> float:
+    height, width = image.shape
+    edge = max(1, round(0.02 * min(width, height)))
+    return float(np.median(np.concatenate([image[:edge].ravel(), image[-edge:].ravel(), image[:, :edge].ravel(), image[:, -edge:].ravel()])))
+
+
+def resize_to_model(pixels: np.ndarray, input_size: int, region=None) -> tuple[np.ndarray, ResizeTransform]:
+    """Stretch a [H, W] float image, or its REGION (left, top, width, height: the scan, `scan_region`), to
+    [input_size, input_size] (the seed's resize; a portrait frame is turned a quarter first, `ResizeTransform.for_image`),
+    with its transform."""
     height, width = pixels.shape
-    transform = ResizeTransform.for_image(width, height, input_size, None if whole_frame else scan_region(pixels))
+    transform = ResizeTransform.for_image(width, height, input_size, region)
     left, top, width, height = transform.region_box
     pixels = pixels[top:top + height, left:left + width]
     if transform.quarter_turn:

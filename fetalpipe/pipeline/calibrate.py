@@ -35,12 +35,13 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
 
     import pandas as pd
 
-    from fetalpipe.data.imaging import clamp_brightness, read_image, resize_to_model
+    from fetalpipe.data.imaging import clamp_brightness, read_image
     from fetalpipe.data.manifest import load_manifest
     from fetalpipe.model.model_file import load_model, load_refinement_model, refinement_entries, save_model
     from fetalpipe.model.quantize import CALIBRATION_IMAGES, observe_quantization
     from fetalpipe.pipeline.evaluate import evaluate_predictions
     from fetalpipe.pipeline.infer import InferOptions, run_inference
+    from fetalpipe.pipeline.preprocess import stage1_input
     from fetalpipe.pipeline.train import split_by_subject
 
     model_path = storage.local_copy(model_path)
@@ -57,7 +58,7 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
     paths = sorted(train_table["image_path"])
     chosen = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(CALIBRATION_IMAGES, len(paths)))]
     decoded = [clamp_brightness(read_image(path).pixels) for path in chosen]  # as the inference actors see them
-    images = np.stack([resize_to_model(pixels, config.input_size)[0] for pixels in decoded])
+    images = np.stack([stage1_input(pixels, config.input_size)[0] for pixels in decoded])
     int8_quantization = observe_quantization(model, images)
     refinement_int8_quantization = None
     refinement = load_refinement_model(config, payload, model_path)

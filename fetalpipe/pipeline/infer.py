@@ -233,21 +233,38 @@ class LandmarkPredictor:
                 outputs.append(heatmaps.float().numpy())
         return np.concatenate(outputs)
 
-    def locate(self, images: np.ndarray, transforms: list[ResizeTransform], originals=None) -> tuple[np.ndarray, np.ndarray]:
+    def locate(self, images: np.ndarray, transforms: list[ResizeTransform], originals=None, candidates=None) -> tuple[np.ndarray, np.ndarray]:
         """Stage 1: [N >= 1] model-input images and the transforms that made them (`preprocess.transforms_of`) -> ([N, 4, 2]
-        endpoints in original pixels (NaN: no head found), [N] map confidence). With the ORIGINALS (float32 [H, W]), a
-        frame cropped to its scan whose head runs off the crop (a scan so dark that its edge passed for background) is
-        measured again whole."""
-        from fetalpipe.data.imaging import resize_to_model
+        endpoints in original pixels (NaN: no head found), [N] map confidence). With the ORIGINALS (float32 [H, W]):
+        a frame cropped to its scan whose head runs off the crop is measured again whole; and a frame measured whole
+        that has a scan CANDIDATE inside black margins ([N, 4], `preprocess.decode_batch`'s ``scan_candidate``) is
+        measured again on that crop where the whole frame's head lies inside it, and keeps the crop's answer where that
+        head does too. Inside black margins the crop may be a dark scan's edge: only a head found inside it twice
+        confirms it."""
+        from fetalpipe.data.imaging import ResizeTransform, resize_to_model
 
         points_original, confidence = self._locate(images, transforms)
         if originals is None:
             return points_original, confidence
-        redo = [index for index, transform in enumerate(transforms) if transform.is_cropped and
-                (not np.isfinite(points_original[index]).all() or transform.outline_share_off_region(points_original[index]) > 0)]
+
+        def inside(points: np.ndarray, transform: ResizeTransform) -> bool:
+            return bool(np.isfinite(points).all()) and transform.outline_share_off_region(points) == 0
+
+        redo = [index for index, transform in enumerate(transforms) if transform.is_cropped and not inside(points_original[index], transform)]
         if redo:
-            whole_images, whole_transforms = zip(*(resize_to_model(originals[index], self.codec.input_size, whole_frame=True) for index in redo))
+            whole_images, whole_transforms = zip(*(resize_to_model(originals[index], self.codec.input_size) for index in redo))
             points_original[redo], confidence[redo] = self._locate(np.stack(whole_images), list(whole_transforms))
+        if candidates is None:
+            return points_original, confidence
+        candidate_transforms = [ResizeTransform.for_image(t.original_width, t.original_height, t.input_size, candidate) for t, candidate in zip(transforms, candidates)]
+        tries = [index for index, (transform, candidate) in enumerate(zip(transforms, candidate_transforms))
+                 if not transform.is_cropped and candidate.is_cropped and inside(points_original[index], candidate)]
+        if tries:
+            cropped_images = np.stack([resize_to_model(originals[index], self.codec.input_size, candidate_transforms[index].region_box)[0] for index in tries])
+            cropped_points, cropped_confidence = self._locate(cropped_images, [candidate_transforms[index] for index in tries])
+            for row, index in enumerate(tries):
+                if inside(cropped_points[row], candidate_transforms[index]):
+                    points_original[index], confidence[index] = cropped_points[row], cropped_confidence[row]
         return points_original, confidence
 
     def _locate(self, images: np.ndarray, transforms: list[ResizeTransform]) -> tuple[np.ndarray, np.ndarray]:
@@ -302,7 +319,8 @@ class LandmarkPredictor:
             from fetalpipe.pipeline.preprocess import transforms_of
 
             transforms = transforms_of({key: batch[key][ok] for key in ("original_width", "original_height", "scan_region")}, self.codec.input_size)
-            points_original[ok], confidence[ok] = self.locate(batch["image"][ok], transforms, batch["original_pixels"][ok] if "original_pixels" in batch else None)
+            originals = batch["original_pixels"][ok] if "original_pixels" in batch else None
+            points_original[ok], confidence[ok] = self.locate(batch["image"][ok], transforms, originals, batch["scan_candidate"][ok])
             found = ok[np.isfinite(points_original[ok]).all(axis=(1, 2))]
             if self.refinement is not None and len(found):
                 points_original[found], signals_px = self.refine(batch["original_pixels"][found], points_original[found])
@@ -312,7 +330,7 @@ class LandmarkPredictor:
             if self.calibration is not None:
                 points_original[ok], calibration_scale[ok] = self.calibration.apply(points_original[ok], batch["pixel_spacing_mm"][ok])
             signals.update(plausibility_signals(points_original, batch["original_width"], batch["original_height"]))
-        output = {key: value for key, value in batch.items() if key not in ("image", "original_pixels", "scan_region")}
+        output = {key: value for key, value in batch.items() if key not in ("image", "original_pixels", "scan_region", "scan_candidate")}
         not_found = (batch["status"] == "ok") & np.isnan(points_original).any(axis=(1, 2))
         calibration_scale[not_found] = np.nan
         if not_found.any():

@@ -13,21 +13,32 @@ import numpy as np
 
 from fetalpipe import LANDMARK_COLUMNS
 from fetalpipe.data.augment import AcquisitionAugmentConfig, AugmentConfig, degrade_acquisition, degrade_intensity, random_affine, random_intensity, random_screenshot
-from fetalpipe.data.imaging import ImageDecodeError, ResizeTransform, clamp_brightness, decode_image, read_bytes, resize_to_model
+from fetalpipe.data.imaging import ImageDecodeError, ResizeTransform, clamp_brightness, decode_image, has_black_margins, read_bytes, resize_to_model, scan_region
 from fetalpipe.measure import ellipse as ellipse_geometry
 from fetalpipe.model.heatmaps import HeatmapCodec
 from fetalpipe.model.polar import PolarCodec, jitter
 
 
+def stage1_input(pixels: np.ndarray, input_size: int) -> tuple[np.ndarray, ResizeTransform, tuple[int, int, int, int]]:
+    """What stage 1 sees of a decoded (and brightness-clamped) [H, W] frame: the model input, its transform, and the
+    scan's region inside black margins (the whole frame where there is none), which stage 1 must confirm
+    (`LandmarkPredictor.locate`). A scan inside margins of another colour is cropped to at once."""
+    candidate = scan_region(pixels, black_margins=True)
+    image, transform = resize_to_model(pixels, input_size, None if has_black_margins(pixels) else candidate)
+    return image, transform, candidate
+
+
 def decode_batch(batch: dict[str, np.ndarray], input_size: int, keep_original: bool = False) -> dict[str, np.ndarray]:
     """Add ``image`` (float32 [B, S, S] in [0, 1], after `imaging.clamp_brightness`), original size, ``scan_region`` (int64 [B, 4]: the
-    (left, top, width, height) in original pixels that ``image`` stretches, `imaging.scan_region`), file hash, status and error. With `keep_original`
+    (left, top, width, height) in original pixels that ``image`` stretches, `imaging.scan_region`), ``scan_candidate`` (the same
+    for the scan inside black margins, which stage 1 must confirm: `LandmarkPredictor.locate`), file hash, status and error. With `keep_original`
     also ``original_pixels``: each image at its stored size, float32 [H, W] (what the refinement stage crops)."""
     count = len(batch["image_path"])
     images = np.zeros((count, input_size, input_size), dtype=np.float32)
     widths = np.zeros(count, dtype=np.int64)
     heights = np.zeros(count, dtype=np.int64)
     regions = np.zeros((count, 4), dtype=np.int64)
+    candidates = np.zeros((count, 4), dtype=np.int64)
     hashes = np.empty(count, dtype=object)
     statuses = np.empty(count, dtype=object)
     errors = np.empty(count, dtype=object)
@@ -40,7 +51,7 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: int, keep_original: b
             hashes[index] = hashlib.sha256(data).hexdigest()
             decoded = decode_image(data)
             pixels = clamp_brightness(decoded.pixels)
-            images[index], transform = resize_to_model(pixels, input_size)
+            images[index], transform, candidates[index] = stage1_input(pixels, input_size)
             if keep_original:
                 originals[index] = pixels
             widths[index], heights[index] = transform.original_width, transform.original_height
@@ -59,6 +70,7 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: int, keep_original: b
         "original_width": widths,
         "original_height": heights,
         "scan_region": regions,
+        "scan_candidate": candidates,
         "file_sha256": hashes,
         "pixel_spacing_mm": spacing,
         "status": statuses,
