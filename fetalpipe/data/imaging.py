@@ -34,7 +34,7 @@ SCAN_MIN_BACKGROUND_FRACTION = 0.9
 SCAN_BACKGROUND_TOLERANCE = 0.03  # grey levels within this of the border's median are background
 SCAN_PART_MIN_FRACTION = 0.1  # a region this share of the largest one's size is part of the scan
 SCAN_MARGIN_FRACTION = 0.04  # kept around the scan, of its size on each side
-SCAN_SEARCH_LONG_SIDE_PX = 256  # the search runs on the frame shrunk to at most this (under 1 ms)
+SCAN_SEARCH_LONG_SIDE_PX = 256  # the search runs on the frame shrunk to at most this (about 1 ms a frame)
 
 
 class ImageDecodeError(ValueError):
@@ -90,6 +90,14 @@ class ResizeTransform:
             points = np.stack([height - 1 - points[..., 1], points[..., 0]], axis=-1)
         return (points + 0.5) * self.scale_xy - 0.5
 
+    def to_original(self, points_model_px: np.ndarray) -> np.ndarray:
+        """Model-input pixel points [..., 2] back to original pixels."""
+        left, top, _, height = self.region_box
+        points = (np.asarray(points_model_px, dtype=np.float64) + 0.5) / self.scale_xy - 0.5
+        if self.quarter_turn:
+            points = np.stack([points[..., 1], height - 1 - points[..., 0]], axis=-1)
+        return points + [left, top]
+
     @property
     def is_cropped(self) -> bool:
         return self.region_box != (0, 0, self.original_width, self.original_height)
@@ -104,14 +112,6 @@ class ResizeTransform:
         in_frame = (outline >= 0).all(axis=1) & (outline[:, 0] <= self.original_width - 1) & (outline[:, 1] <= self.original_height - 1)
         in_region = (outline[:, 0] >= left) & (outline[:, 0] <= left + width - 1) & (outline[:, 1] >= top) & (outline[:, 1] <= top + height - 1)
         return float(np.mean(in_frame & ~in_region))
-
-    def to_original(self, points_model_px: np.ndarray) -> np.ndarray:
-        """Model-input pixel points [..., 2] back to original pixels."""
-        left, top, _, height = self.region_box
-        points = (np.asarray(points_model_px, dtype=np.float64) + 0.5) / self.scale_xy - 0.5
-        if self.quarter_turn:
-            points = np.stack([points[..., 1], height - 1 - points[..., 0]], axis=-1)
-        return points + [left, top]
 
 
 def is_dicom(data: bytes) -> bool:
