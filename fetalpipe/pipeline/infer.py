@@ -241,7 +241,7 @@ class LandmarkPredictor:
         measured again on that crop where the whole frame's head lies inside it, and keeps the crop's answer where that
         head does too. Inside black margins the crop may be a dark scan's edge: only a head found inside it twice
         confirms it."""
-        from fetalpipe.data.imaging import ResizeTransform, resize_to_model
+        from fetalpipe.data.imaging import resize_to_model
 
         points_original, confidence = self._locate(images, transforms)
         if originals is None:

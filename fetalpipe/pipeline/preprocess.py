@@ -80,10 +80,9 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: int, keep_original: b
 
 def transforms_of(batch: dict[str, np.ndarray], input_size: int) -> list[ResizeTransform]:
     """Each row's transform, from the size and scan region `decode_batch` recorded."""
-    regions = batch["scan_region"] if "scan_region" in batch else [None] * len(batch["original_width"])
     return [
         ResizeTransform.for_image(int(width), int(height), input_size, region)
-        for width, height, region in zip(batch["original_width"], batch["original_height"], regions)
+        for width, height, region in zip(batch["original_width"], batch["original_height"], batch["scan_region"])
     ]
 
 

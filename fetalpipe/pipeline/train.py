@@ -237,10 +237,9 @@ def polar_loss(logits, target, kind: str = "cross_entropy"):
     grid = torch.arange(target.shape[-1], dtype=torch.float32)
     predicted_column = (log_probability.exp() * grid).sum(dim=-1)
     target_column = (target * grid).sum(dim=-1)
-    row_error = (predicted_column - target_column).abs()
-    rows_per_image = valid.sum(dim=-1).clamp(min=1.0)
-    shift_per_image = (((predicted_column - target_column) * valid).sum(dim=-1) / rows_per_image).abs()
-    return loss + (row_error * valid).sum() / valid_rows + shift_per_image.mean()
+    column_error = (predicted_column - target_column) * valid
+    shift_per_image = (column_error.sum(dim=-1) / valid.sum(dim=-1).clamp(min=1.0)).abs()
+    return loss + column_error.abs().sum() / valid_rows + shift_per_image.mean()
 
 
 def refinement_errors(ellipses: np.ndarray, references: np.ndarray, pixel_spacing_mm: np.ndarray, reference_hc_mm: np.ndarray) -> pd.DataFrame:
