@@ -32,15 +32,17 @@ SAME_GEOMETRY_VARIANTS = ("bright", "dark", "speckle", "jpeg30")
 BATCH = 32
 
 
-def stage_outputs(predictor, table: pd.DataFrame, images_uint8: list[np.ndarray]):
-    """(stage-1 prior ellipses [N, 5], original images float32 [H, W]) in original pixels, for images given in memory."""
-    from fetalpipe.data.imaging import clamp_brightness
+def stage_outputs(predictor, table: pd.DataFrame, images_uint8: list[np.ndarray], darkest_content_median: float | None = None):
+    """(stage-1 prior ellipses [N, 5], original images float32 [H, W]) in original pixels, for images given in memory;
+    dark scans brightened as `imaging.clamp_brightness` does (at its threshold, or at DARKEST_CONTENT_MEDIAN)."""
+    from fetalpipe.data.imaging import TRAINING_DARKEST_CONTENT_MEDIAN, clamp_brightness
     from fetalpipe.measure import ellipse as ellipse_geometry
     from fetalpipe.pipeline.preprocess import stage1_input
 
+    threshold = TRAINING_DARKEST_CONTENT_MEDIAN if darkest_content_median is None else darkest_content_median
     priors, originals = [], []
     for start in range(0, len(table), BATCH):
-        pixels = [clamp_brightness(image.astype(np.float32) / 255) for image in images_uint8[start:start + BATCH]]
+        pixels = [clamp_brightness(image.astype(np.float32) / 255, threshold) for image in images_uint8[start:start + BATCH]]
         images, transforms, candidates = zip(*(stage1_input(image, predictor.codec.input_size) for image in pixels))
         points_original, _ = predictor.locate(np.stack(images), list(transforms), pixels, np.array(candidates))
         priors.append(ellipse_geometry.from_endpoints(points_original))
