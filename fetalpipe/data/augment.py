@@ -46,6 +46,9 @@ ROBUST_FINE_TUNE_AUGMENT = AugmentConfig(rotation_deg=40.0, scale_range=(0.7, 1.
 # R5's intensity ranges without its geometry: a trained stage 1 taught gain, gamma and noise beyond the scanners' range,
 # with HC18's frames and head sizes left as they are (docs/experiments.md, row R7).
 INTENSITY_FINE_TUNE_AUGMENT = AugmentConfig(gamma_range=(0.5, 1.8), contrast_range=(0.6, 1.4), noise_probability=0.2)
+# R5's geometry without its intensity or screenshots: rotations to ±45° and the stretch of frames other than 800 x 540
+# (a frame grown around a rotated scan is nearly square), for a longer continued training (docs/experiments.md, row R13).
+ROTATION_FINE_TUNE_AUGMENT = AugmentConfig(rotation_deg=45.0, scale_range=(0.8, 1.1), aspect_range=(0.8, 1.25))
 
 
 def random_affine(image: np.ndarray, points_model_px: np.ndarray, config: AugmentConfig, rng: np.random.Generator):
@@ -128,7 +131,8 @@ WIDE_INTENSITY_ACQUISITION_AUGMENT = AcquisitionAugmentConfig(gamma_range=(0.5, 
 
 # The names a recipe's `augmentation` (stage 1) and `refinement.augmentation` (stage 2) may take.
 AUGMENT_PRESETS = {"standard": AugmentConfig(), "archive": ARCHIVE_AUGMENT, "archive_fine_tune": ARCHIVE_FINE_TUNE_AUGMENT,
-                   "robust_fine_tune": ROBUST_FINE_TUNE_AUGMENT, "intensity_fine_tune": INTENSITY_FINE_TUNE_AUGMENT}
+                   "robust_fine_tune": ROBUST_FINE_TUNE_AUGMENT, "intensity_fine_tune": INTENSITY_FINE_TUNE_AUGMENT,
+                   "rotation_fine_tune": ROTATION_FINE_TUNE_AUGMENT}
 REFINEMENT_AUGMENT_PRESETS = {"standard": AcquisitionAugmentConfig(), "wide_intensity": WIDE_INTENSITY_ACQUISITION_AUGMENT}
 
 
