@@ -22,9 +22,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fetalpipe import LANDMARK_COLUMNS, __version__  # noqa: E402
-from robustness import make_variant  # noqa: E402
-from stage_attribution import measured_hc_mm, stage_outputs  # noqa: E402
+from fetalpipe import __version__  # noqa: E402
+from stage_attribution import load_labelled_images, measured_hc_mm, stage_outputs, variant_images  # noqa: E402
 
 VARIANTS = ("clean", "dark", "bright", "speckle", "screenshot", "screenshot_black")
 PERCENTILES = (1.0, 5.0, 10.0, 25.0)
@@ -41,36 +40,26 @@ def main() -> None:
     parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "brightness_clamp.json"))
     args = parser.parse_args()
 
-    import cv2
-
     from fetalpipe.data.imaging import content_median, read_image
     from fetalpipe.data.manifest import load_manifest
-    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, file_sha256
-    from fetalpipe.pipeline.infer import LandmarkPredictor
+    from fetalpipe.model.model_file import file_sha256
 
     training_medians = np.array([content_median(read_image(path).pixels) for path in load_manifest(args.train_manifest)["image_path"]])
     thresholds = {percentile: float(np.nanpercentile(training_medians, percentile)) for percentile in args.percentiles}
-    model_path = os.path.abspath(args.model or DEFAULT_MODEL_PATH)
-    predictor = LandmarkPredictor(model_path, threads=args.threads, precision="int8")
-    table = load_manifest(args.manifest, require_landmarks=True).reset_index(drop=True)
+    model_path, predictor, table, clean_images = load_labelled_images(args.manifest, args.model, args.threads)
     spacing = table["pixel_spacing_mm"].to_numpy(dtype=np.float64)
     reference_hc = table["hc_mm"].to_numpy(dtype=np.float64)
-    clean_images = [cv2.imread(path, cv2.IMREAD_GRAYSCALE) for path in table["image_path"]]
 
     results: dict[str, dict] = {}
     for name in args.variants:
-        rng = np.random.default_rng(0)  # each variant's noise drawn as robustness.build_variant draws it
-        images = []
-        for image, row in zip(clean_images, table.itertuples(index=False)):
-            points = np.array([getattr(row, column) for column in LANDMARK_COLUMNS], dtype=np.float64).reshape(4, 2)
-            images.append(make_variant(name, image, points, float(row.pixel_spacing_mm), rng)[0])
+        images = variant_images(name, clean_images, table)
         results[name] = {}
         for percentile, threshold in thresholds.items():
             priors, originals = stage_outputs(predictor, table, images, threshold)
             errors = measured_hc_mm(predictor, originals, priors, spacing) - reference_hc
-            results[name][f"p{percentile:g}"] = {"threshold": threshold, "hc_mae_mm": float(np.nanmean(np.abs(errors))),
-                                                 "images_above_5mm": int(np.sum(np.abs(errors) > 5))}
-            print(f"{name} at p{percentile:g} ({threshold:.3f}): HC MAE {results[name][f'p{percentile:g}']['hc_mae_mm']:.3f} mm", flush=True)
+            figures = {"threshold": threshold, "hc_mae_mm": float(np.nanmean(np.abs(errors))), "images_above_5mm": int(np.sum(np.abs(errors) > 5))}
+            results[name][f"p{percentile:g}"] = figures
+            print(f"{name} at p{percentile:g} ({threshold:.3f}): HC MAE {figures['hc_mae_mm']:.3f} mm", flush=True)
 
     columns = [f"p{percentile:g}" for percentile in thresholds]
     print("\n| variant | " + " | ".join(f"threshold at {column} ({thresholds[float(column[1:])]:.3f})" for column in columns) + " |")

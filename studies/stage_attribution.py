@@ -50,6 +50,36 @@ def stage_outputs(predictor, table: pd.DataFrame, images_uint8: list[np.ndarray]
     return np.concatenate(priors), originals
 
 
+def load_labelled_images(manifest_path: str, model_path: str | None, threads: int):
+    """(model path, the model's int8 predictor, the manifest's labelled rows, their images as uint8 [H, W])."""
+    import cv2
+
+    from fetalpipe.data.manifest import load_manifest
+    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH
+    from fetalpipe.pipeline.infer import LandmarkPredictor
+
+    model_path = os.path.abspath(model_path or DEFAULT_MODEL_PATH)
+    predictor = LandmarkPredictor(model_path, threads=threads, precision="int8")
+    table = load_manifest(manifest_path, require_landmarks=True).reset_index(drop=True)
+    return model_path, predictor, table, [cv2.imread(path, cv2.IMREAD_GRAYSCALE) for path in table["image_path"]]
+
+
+def variant_images(name: str, clean_images: list[np.ndarray], table: pd.DataFrame) -> list[np.ndarray]:
+    """The variant NAME of each image, in memory, with its noise drawn as `robustness.build_variant` draws it (the JPEG
+    variant is the clean image written at quality 30 and read back)."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    images = []
+    for image, row in zip(clean_images, table.itertuples(index=False)):
+        points = np.array([getattr(row, column) for column in LANDMARK_COLUMNS], dtype=np.float64).reshape(4, 2)
+        variant, _, _, extension = make_variant(name, image, points, float(row.pixel_spacing_mm), rng)
+        if extension == ".jpg":
+            variant = cv2.imdecode(cv2.imencode(".jpg", variant, [cv2.IMWRITE_JPEG_QUALITY, 30])[1], cv2.IMREAD_GRAYSCALE)
+        images.append(variant)
+    return images
+
+
 def measured_hc_mm(predictor, originals: list[np.ndarray], priors: np.ndarray, pixel_spacing_mm: np.ndarray) -> np.ndarray:
     """HC (mm) of the refinement stage behind the given priors, size line applied, as `LandmarkPredictor` measures it."""
     from fetalpipe.measure import ellipse as ellipse_geometry
@@ -69,18 +99,11 @@ def main() -> None:
     parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "stage_attribution.json"))
     args = parser.parse_args()
 
-    import cv2
+    from fetalpipe.model.model_file import file_sha256
 
-    from fetalpipe.data.manifest import load_manifest
-    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, file_sha256
-    from fetalpipe.pipeline.infer import LandmarkPredictor
-
-    model_path = os.path.abspath(args.model or DEFAULT_MODEL_PATH)
-    predictor = LandmarkPredictor(model_path, threads=args.threads, precision="int8")
-    table = load_manifest(args.manifest, require_landmarks=True).reset_index(drop=True)
+    model_path, predictor, table, clean_images = load_labelled_images(args.manifest, args.model, args.threads)
     spacing = table["pixel_spacing_mm"].to_numpy(dtype=np.float64)
     reference_hc = table["hc_mm"].to_numpy(dtype=np.float64)
-    clean_images = [cv2.imread(path, cv2.IMREAD_GRAYSCALE) for path in table["image_path"]]
     clean_priors, clean_originals = stage_outputs(predictor, table, clean_images)
 
     def errors(hc_mm: np.ndarray) -> dict:
@@ -89,15 +112,7 @@ def main() -> None:
 
     results = {"clean": errors(measured_hc_mm(predictor, clean_originals, clean_priors, spacing))}
     for name in args.variants:
-        rng = np.random.default_rng(0)  # each variant's noise drawn as robustness.build_variant draws it
-        variant_images = []
-        for image, row in zip(clean_images, table.itertuples(index=False)):
-            points = np.array([getattr(row, column) for column in LANDMARK_COLUMNS], dtype=np.float64).reshape(4, 2)
-            variant, _, _, extension = make_variant(name, image, points, float(row.pixel_spacing_mm), rng)
-            if extension == ".jpg":  # the JPEG variant is the clean image written at quality 30
-                variant = cv2.imdecode(cv2.imencode(".jpg", variant, [cv2.IMWRITE_JPEG_QUALITY, 30])[1], cv2.IMREAD_GRAYSCALE)
-            variant_images.append(variant)
-        variant_priors, variant_originals = stage_outputs(predictor, table, variant_images)
+        variant_priors, variant_originals = stage_outputs(predictor, table, variant_images(name, clean_images, table))
         results[name] = {
             "variant": errors(measured_hc_mm(predictor, variant_originals, variant_priors, spacing)),
             "variant_image_clean_prior": errors(measured_hc_mm(predictor, variant_originals, clean_priors, spacing)),
