@@ -84,3 +84,13 @@ def test_crop_shrinks_a_double_resolution_image_instead_of_aliasing_it():
     prior_double = np.array([2 * prior[0] + 0.5, 2 * prior[1] + 0.5, 2 * prior[2], 2 * prior[3], prior[4]])
     plain, doubled = codec.crop(image, prior), codec.crop(double, prior_double)
     assert np.corrcoef(plain.ravel(), doubled.ravel())[0, 1] > 0.8
+
+
+def test_axis_jitter_scale_widens_only_the_size_of_the_prior():
+    """`axis_jitter_scale` (RefinementConfig) teaches the refinement stage to trust the prior's size less; its centre
+    and angle must stay jittered as before, draw for draw."""
+    plain = np.stack([jitter(REFERENCE, np.random.default_rng(seed)) for seed in range(400)])
+    wide = np.stack([jitter(REFERENCE, np.random.default_rng(seed), axis_scale=2.0) for seed in range(400)])
+    assert np.allclose(plain[:, [0, 1, 4]], wide[:, [0, 1, 4]])
+    plain_spread = np.log(plain[:, 2:4] / REFERENCE[2:4]).std()
+    assert np.log(wide[:, 2:4] / REFERENCE[2:4]).std() == pytest.approx(2 * plain_spread, rel=1e-6)

@@ -48,6 +48,7 @@ class RefinementConfig:
     wrap_rows: int = 16
     sigma_bins: float = 1.5
     jitter_scale: float = 1.0  # 1: stage 1's error size (`polar.jitter`)
+    axis_jitter_scale: float = 1.0  # the axes' jitter alone, relative to jitter_scale (> 1: trust the prior's size less)
     epochs: int = 40
     batch_size: int = 16
     lr: float = 2e-3

@@ -175,14 +175,14 @@ def _unit_grid(codec: PolarCodec) -> np.ndarray:
     return codec.to_original(np.array([0.0, 0.0, 1.0, 1.0, 0.0]), rows, columns)
 
 
-def jitter(reference: np.ndarray, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+def jitter(reference: np.ndarray, rng: np.random.Generator, scale: float = 1.0, axis_scale: float = 1.0) -> np.ndarray:
     """A prior ellipse about as wrong as stage 1 can be: centre moved by ~3 % of the axes, each axis scaled by ~4 %,
     turned by ~4°, and one time in five all of it 2.5× larger (stage 1's occasional large errors). `scale` = 0 returns
-    the reference itself."""
+    the reference itself; `axis_scale` widens the axes' share alone (how far the prior's size may be off)."""
     spread = scale * (2.5 if rng.random() < 0.2 else 1.0)
     mean_axis = (reference[2] + reference[3]) / 2
     centre = reference[:2] + rng.normal(0, 0.03 * spread, 2) * mean_axis
-    axes = reference[2:4] * np.exp(rng.normal(0, 0.04 * spread, 2))
+    axes = reference[2:4] * np.exp(rng.normal(0, 0.04 * spread * axis_scale, 2))
     angle = reference[4] + np.deg2rad(rng.normal(0, 4.0 * spread))
     if rng.random() < 0.5:  # which end of the major axis is angle 0 must not matter
         angle += np.pi

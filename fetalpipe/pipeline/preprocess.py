@@ -139,7 +139,7 @@ def decode_original_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 
 
 def encode_polar_batch(batch: dict[str, np.ndarray], codec: PolarCodec, augment: AcquisitionAugmentConfig | None, jitter_scale: float,
-                       seed: int | None = None) -> dict[str, np.ndarray]:
+                       seed: int | None = None, axis_jitter_scale: float = 1.0) -> dict[str, np.ndarray]:
     """Refinement training pairs: around each reference ellipse a jittered prior (as wrong as stage 1 can be), the
     polar crop of the original image about it, and the target. ``image`` float32 [B, 1, rows, columns],
     ``target`` float32 [B, rows, columns]; ``prior`` and ``reference`` [B, 5] ellipses in original pixels.
@@ -159,7 +159,7 @@ def encode_polar_batch(batch: dict[str, np.ndarray], codec: PolarCodec, augment:
                 pixels, points = pixels[:, ::-1], points * [-1, 1] + [width - 1, 0]
             pixels = degrade_acquisition(np.ascontiguousarray(pixels), augment, rng)
         references[index] = ellipse_geometry.from_endpoints(points)
-        priors[index] = jitter(references[index], rng, jitter_scale)
+        priors[index] = jitter(references[index], rng, jitter_scale, axis_jitter_scale)
         crop = codec.crop(pixels, priors[index])
         images[index, 0] = degrade_intensity(crop, augment, rng) if augment is not None else crop
         targets[index] = codec.encode(priors[index], references[index])

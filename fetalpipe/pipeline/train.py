@@ -387,7 +387,8 @@ def build_refinement_datasets(train_table: pd.DataFrame, val_table: pd.DataFrame
         skipped.append(failed.select_columns(["image_path", "error"]).to_pandas())
         decoded = decoded.map_batches(_rows_with_status, fn_kwargs={"ok": True}, batch_format="numpy").materialize()
         return decoded.map_batches(
-            functools.partial(encode_polar_batch, codec=codec, augment=augment, jitter_scale=refinement.jitter_scale, seed=seed),
+            functools.partial(encode_polar_batch, codec=codec, augment=augment, jitter_scale=refinement.jitter_scale, seed=seed,
+                              axis_jitter_scale=refinement.axis_jitter_scale),
             batch_format="numpy", batch_size=refinement.batch_size, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2),
         )
 
