@@ -18,7 +18,9 @@ import sys
 import numpy as np
 import pandas as pd
 
-LARGE_ERROR_MM = 5.0
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fetalpipe.measure.review import LARGE_ERROR_MM  # noqa: E402
 
 
 def hc_errors(sets: dict[str, str]) -> pd.DataFrame:
@@ -48,7 +50,7 @@ def main() -> None:
     sets = dict(item.split("=", 1) for item in args.set)
     errors = hc_errors(sets)
     summary = summarise(errors)
-    correlations = errors.corr().to_numpy()[np.triu_indices(len(sets), k=1)]
+    correlations = pd.DataFrame(summary["correlation"]).to_numpy()[np.triu_indices(len(sets), k=1)]
     print(f"{summary['images']} images, {len(sets)} models")
     for name in errors:
         print(f"  {name:8s} HC MAE {summary['hc_mae_mm'][name]:.3f} mm, {summary['images_over_5mm'][name]} above 5 mm")

@@ -28,7 +28,7 @@ import pandas as pd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fetalpipe import LANDMARK_COLUMNS, __version__  # noqa: E402
+from fetalpipe import __version__  # noqa: E402
 from robustness import make_variant  # noqa: E402
 
 SAME_GEOMETRY_VARIANTS = ("bright", "dark", "speckle", "jpeg30")
@@ -72,11 +72,12 @@ def variant_images(name: str, clean_images: list[np.ndarray], table: pd.DataFram
     variant is the clean image written at quality 30 and read back)."""
     import cv2
 
+    from fetalpipe.data.manifest import landmarks_original_px
+
     rng = np.random.default_rng(0)
     images = []
-    for image, row in zip(clean_images, table.itertuples(index=False)):
-        points = np.array([getattr(row, column) for column in LANDMARK_COLUMNS], dtype=np.float64).reshape(4, 2)
-        variant, _, _, extension = make_variant(name, image, points, float(row.pixel_spacing_mm), rng)
+    for image, points, pixel_spacing_mm in zip(clean_images, landmarks_original_px(table), table["pixel_spacing_mm"]):
+        variant, _, _, extension = make_variant(name, image, points, float(pixel_spacing_mm), rng)
         if extension == ".jpg":
             variant = cv2.imdecode(cv2.imencode(".jpg", variant, [cv2.IMWRITE_JPEG_QUALITY, 30])[1], cv2.IMREAD_GRAYSCALE)
         images.append(variant)
@@ -96,10 +97,11 @@ def measured_hc_mm(predictor, originals: list[np.ndarray], priors: np.ndarray, p
 def reference_priors(table: pd.DataFrame, seed: int = 0) -> dict[str, np.ndarray]:
     """[N, 5] priors in original pixels that are not stage 1's: the reference ellipse, and the reference jittered at
     half and at full the refinement stage's training jitter (one draw per image, seeded)."""
+    from fetalpipe.data.manifest import landmarks_original_px
     from fetalpipe.measure import ellipse as ellipse_geometry
     from fetalpipe.model.polar import jitter
 
-    reference = ellipse_geometry.from_endpoints(table[list(LANDMARK_COLUMNS)].to_numpy(dtype=np.float64).reshape(-1, 4, 2))
+    reference = ellipse_geometry.from_endpoints(landmarks_original_px(table))
     rng = np.random.default_rng(seed)
     return {
         "reference_ellipse": reference,
