@@ -36,9 +36,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".
 # Share of a CPU each stage asks Ray for: the model takes most of the time, decoding the rest.
 DECODE_CPUS = 0.25
 MODEL_CPU_SHARE = 0.75
-# Images per forward pass inside a batch: at 8 the activations stay in cache (10-15 % faster per image than 64
-# at 1 thread here); the Ray batch stays large, which keeps per-task and per-file overhead low.
+# Images per forward pass inside a Ray batch (`bench/forward_batch_bench.py`, 1 thread). Stage 1 at 8: its activations
+# stay in cache; in int8 it is within 0.1-0.9 ms of 16 (13-15 ms an image) and 1-2 ms faster than 32 or 64, in fp32 the
+# fastest (21-25 ms, against 27-30 at 16 and 31-33 at 64). The refinement stage's small polar crops at 32 (int8 2.4-2.8
+# ms, against 2.8-3.5 at 8). The Ray batch stays large, which keeps per-task and per-file overhead low.
 FORWARD_BATCH = 8
+REFINEMENT_FORWARD_BATCH = 32
 
 class ActorStartError(RuntimeError):
     """The model actors failed in their constructor (a model file whose weights do not fit, a node without torch):
@@ -285,8 +288,8 @@ class LandmarkPredictor:
         crops = np.stack([self.polar_codec.crop(pixels, prior) for pixels, prior in zip(originals, priors)])
         logits = []
         with torch.inference_mode():
-            for start in range(0, len(crops), FORWARD_BATCH):
-                logits.append(self.refinement(to_model_input(crops[start:start + FORWARD_BATCH]))[:, 0].float().numpy())
+            for start in range(0, len(crops), REFINEMENT_FORWARD_BATCH):
+                logits.append(self.refinement(to_model_input(crops[start:start + REFINEMENT_FORWARD_BATCH]))[:, 0].float().numpy())
         refined, diagnostics = self.polar_codec.decode(np.concatenate(logits), priors)
         signals_px = {
             "stage_disagreement": np.abs(ellipse_geometry.perimeter(refined) - ellipse_geometry.perimeter(priors)),
