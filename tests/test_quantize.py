@@ -118,3 +118,23 @@ def test_shipped_refinement_stage_runs_in_int8_close_to_fp32():
                    for name, predictor in (("fp32", fp32), ("int8", int8))}
     difference = np.abs(columns["int8"] - columns["fp32"])
     assert np.median(difference) < 0.5 and np.percentile(difference, 95) < 3.0
+
+
+def test_refinement_stage_measures_each_image_the_same_however_its_crops_are_batched(monkeypatch):
+    """The actors pass `REFINEMENT_FORWARD_BATCH` crops a forward pass (a speed choice): an image's refined ellipse must
+    not depend on that, nor on which other images share its pass (no state carried between crops)."""
+    import fetalpipe.pipeline.infer as infer
+    from fetalpipe.data.manifest import landmarks_original_px
+
+    predictor = infer.LandmarkPredictor(DEFAULT_MODEL_PATH, threads=1, precision="int8")
+    manifest = pd.read_csv(SAMPLE_MANIFEST)
+    originals = [read_image(os.path.join(os.path.dirname(SAMPLE_MANIFEST), path)).pixels for path in manifest["image_path"]] * 2
+    priors_original_px = np.concatenate([landmarks_original_px(manifest)] * 2)
+    assert infer.REFINEMENT_FORWARD_BATCH < len(originals) < 2 * infer.REFINEMENT_FORWARD_BATCH  # two passes, the last one partial
+    batched_px, batched_signals = predictor.refine(originals, priors_original_px)
+    monkeypatch.setattr(infer, "REFINEMENT_FORWARD_BATCH", 1)
+    one_by_one_px, one_by_one_signals = predictor.refine(originals, priors_original_px)
+    assert np.max(np.abs(batched_px - one_by_one_px)) < 1e-3
+    half = len(originals) // 2  # each image twice, in different passes and next to different images
+    assert np.max(np.abs(batched_px[:half] - batched_px[half:])) < 1e-3
+    assert np.allclose(batched_signals["outline_spread"], one_by_one_signals["outline_spread"], atol=1e-5)

@@ -14,12 +14,12 @@ from fetalpipe.runtime import storage
 
 def polar_crops_around_references(codec, originals: list, rows) -> np.ndarray:
     """float32 [N, rows, columns]: one crop per image, around its reference ellipse jittered as in training (seeded)."""
-    from fetalpipe import LANDMARK_COLUMNS
+    from fetalpipe.data.manifest import landmarks_original_px
     from fetalpipe.measure import ellipse as ellipse_geometry
     from fetalpipe.model.polar import jitter
 
     rng = np.random.default_rng(0)
-    references = ellipse_geometry.from_endpoints(rows[list(LANDMARK_COLUMNS)].to_numpy(dtype=np.float64).reshape(-1, 4, 2))
+    references = ellipse_geometry.from_endpoints(landmarks_original_px(rows))
     return np.stack([codec.crop(pixels, jitter(reference, rng)) for pixels, reference in zip(originals, references)])
 
 
