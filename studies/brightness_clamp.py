@@ -52,7 +52,7 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     for name in args.variants:
-        images = variant_images(name, clean_images, table)
+        images, _ = variant_images(name, clean_images, table)  # gain, noise and frames: the spacing stays
         results[name] = {}
         for percentile, threshold in thresholds.items():
             priors, originals = stage_outputs(predictor, table, images, threshold)

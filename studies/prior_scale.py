@@ -25,16 +25,17 @@ import json
 import os
 import sys
 
+import cv2
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from robustness import make_variant  # noqa: E402
-from stage_attribution import BATCH, load_labelled_images, stage_outputs  # noqa: E402
+from stage_attribution import BATCH, load_labelled_images, stage_outputs, variant_images  # noqa: E402
 
-from fetalpipe.data.manifest import landmarks_original_px, load_manifest  # noqa: E402
+from fetalpipe.data.manifest import load_manifest  # noqa: E402
 from fetalpipe.measure import ellipse as ellipse_geometry  # noqa: E402
 from fetalpipe.measure import review  # noqa: E402
 from fetalpipe.measure.biometry import biometry_mm  # noqa: E402
@@ -63,21 +64,10 @@ def hc_behind_scaled_priors(predictor, originals: list[np.ndarray], priors: np.n
     return measured
 
 
-def labelled_set(predictor, manifest: str, images=None, table=None) -> tuple[pd.DataFrame, dict[float, np.ndarray]]:
-    import cv2
-
-    table = load_manifest(manifest, require_landmarks=True).reset_index(drop=True) if table is None else table
-    images = [cv2.imread(path, cv2.IMREAD_GRAYSCALE) for path in table["image_path"]] if images is None else images
+def measured_behind_scaled_priors(predictor, table: pd.DataFrame, images: list[np.ndarray], scales=SCALES) -> dict[float, np.ndarray]:
+    """`hc_behind_scaled_priors` for labelled images given in memory (uint8 [H, W]), behind their own stage-1 priors."""
     priors, originals = stage_outputs(predictor, table, images)
-    return table, hc_behind_scaled_priors(predictor, originals, priors, table["pixel_spacing_mm"].to_numpy(float))
-
-
-def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney), ties ranked in order."""
-    ranks = np.empty(len(score))
-    ranks[np.argsort(score, kind="stable")] = np.arange(1, len(score) + 1)
-    positives, negatives = positive.sum(), (~positive).sum()
-    return float((ranks[positive].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+    return hc_behind_scaled_priors(predictor, originals, priors, table["pixel_spacing_mm"].to_numpy(float), scales)
 
 
 def lean_slopes(measured: dict[float, np.ndarray]) -> np.ndarray:
@@ -121,7 +111,7 @@ def review_rows(train_errors: pd.DataFrame, sets: dict[str, pd.DataFrame], budge
                 errors = table["hc_ellipse_diff_mm"].abs().to_numpy()
                 row[name] = review.catch_curve(table, errors, rule)
                 score, large = rule.score(table), errors > review.LARGE_ERROR_MM
-                row[name]["auc"] = roc_auc(score, large)
+                row[name]["auc"] = float(roc_auc_score(large, score))
                 if rows:  # the same share flagged as the rule without the sensitivity flags there: does it rank better?
                     share = rows[0][name]["flagged_fraction"]
                     row[name]["caught_at_the_same_share"] = int((large & (score > np.quantile(score, 1 - share))).sum())
@@ -143,8 +133,10 @@ def main() -> None:
     args = parser.parse_args()
 
     model_path, predictor, val_table, val_images = load_labelled_images(args.manifest, args.model, args.threads)
-    train_table, train_measured = labelled_set(predictor, args.train_manifest)
-    val_table, val_measured = labelled_set(predictor, args.manifest, val_images, val_table)
+    train_table = load_manifest(args.train_manifest, require_landmarks=True).reset_index(drop=True)
+    train_images = [cv2.imread(path, cv2.IMREAD_GRAYSCALE) for path in train_table["image_path"]]
+    train_measured = measured_behind_scaled_priors(predictor, train_table, train_images)
+    val_measured = measured_behind_scaled_priors(predictor, val_table, val_images)
     slopes = {"train": lean_slopes(train_measured), "validation": lean_slopes(val_measured)}
     accuracy = accuracy_rows(train_table, train_measured, val_table, val_measured)
 
@@ -161,28 +153,16 @@ def main() -> None:
         return np.abs(measured[1.0] - measured[0.97])
 
     train_errors = with_sensitivity(train_errors, pd.Series(sensitivity(train_measured), index=stems(train_table)))
-    variant_tables = []
+    variant_tables = {}  # by variant: the robustness run's per-image table, with the sensitivity
     for path in sorted(glob.glob(args.variants)):
         name = path.split(os.sep)[-3]
-        rng = np.random.default_rng(0)  # as `stage_attribution.variant_images`: the noise drawn as the robustness run drew it
-        images, spacing = [], []
-        for image, points, pixel_spacing_mm in zip(val_images, landmarks_original_px(val_table), val_table["pixel_spacing_mm"]):
-            variant, _, variant_spacing_mm, extension = make_variant(name, image, points, float(pixel_spacing_mm), rng)
-            if extension == ".jpg":
-                import cv2
-
-                variant = cv2.imdecode(cv2.imencode(".jpg", variant, [cv2.IMWRITE_JPEG_QUALITY, 30])[1], cv2.IMREAD_GRAYSCALE)
-            images.append(variant)
-            spacing.append(variant_spacing_mm)
-        variant_table = val_table.assign(pixel_spacing_mm=spacing)
-        priors, originals = stage_outputs(predictor, variant_table, images)
-        measured = hc_behind_scaled_priors(predictor, originals, priors, np.array(spacing, dtype=float), scales=(0.97, 1.0))
-        variant_tables.append(with_sensitivity(pd.read_csv(path), pd.Series(sensitivity(measured), index=stems(val_table))))
+        images, spacing_mm = variant_images(name, val_images, val_table)
+        measured = measured_behind_scaled_priors(predictor, val_table.assign(pixel_spacing_mm=spacing_mm), images, scales=(0.97, 1.0))
+        variant_tables[name] = with_sensitivity(pd.read_csv(path), pd.Series(sensitivity(measured), index=stems(val_table)))
         print(f"variant {name}", flush=True)
-    variants = pd.concat(variant_tables, ignore_index=True)
-    validation = [table for path, table in zip(sorted(glob.glob(args.variants)), variant_tables) if path.split(os.sep)[-3] == "clean"]
-    sets = {"train": train_errors, "variants": variants, **({"validation": validation[0]} if validation else {})}
-    signal_auc = {name: roc_auc(table[SENSITIVITY].to_numpy(), table["hc_ellipse_diff_mm"].abs().to_numpy() > review.LARGE_ERROR_MM)
+    sets = {"train": train_errors, "variants": pd.concat(variant_tables.values(), ignore_index=True),
+            **({"validation": variant_tables["clean"]} if "clean" in variant_tables else {})}
+    signal_auc = {name: float(roc_auc_score(table["hc_ellipse_diff_mm"].abs().to_numpy() > review.LARGE_ERROR_MM, table[SENSITIVITY].to_numpy()))
                   for name, table in sets.items()}
     rules = review_rows(train_errors, sets, review.MAX_FLAGGED_FRACTION)
 

@@ -67,21 +67,23 @@ def load_labelled_images(manifest_path: str, model_path: str | None, threads: in
     return model_path, predictor, table, [cv2.imread(path, cv2.IMREAD_GRAYSCALE) for path in table["image_path"]]
 
 
-def variant_images(name: str, clean_images: list[np.ndarray], table: pd.DataFrame) -> list[np.ndarray]:
-    """The variant NAME of each image, in memory, with its noise drawn as `robustness.build_variant` draws it (the JPEG
-    variant is the clean image written at quality 30 and read back)."""
+def variant_images(name: str, clean_images: list[np.ndarray], table: pd.DataFrame) -> tuple[list[np.ndarray], np.ndarray]:
+    """(the variant NAME of each image, in memory, its pixel spacing in mm [N]), with its noise drawn as
+    `robustness.build_variant` draws it (the JPEG variant is the clean image written at quality 30 and read back). The
+    spacing changes only for the half- and double-resolution variants."""
     import cv2
 
     from fetalpipe.data.manifest import landmarks_original_px
 
     rng = np.random.default_rng(0)
-    images = []
+    images, spacing_mm = [], []
     for image, points, pixel_spacing_mm in zip(clean_images, landmarks_original_px(table), table["pixel_spacing_mm"]):
-        variant, _, _, extension = make_variant(name, image, points, float(pixel_spacing_mm), rng)
+        variant, _, variant_spacing_mm, extension = make_variant(name, image, points, float(pixel_spacing_mm), rng)
         if extension == ".jpg":
             variant = cv2.imdecode(cv2.imencode(".jpg", variant, [cv2.IMWRITE_JPEG_QUALITY, 30])[1], cv2.IMREAD_GRAYSCALE)
         images.append(variant)
-    return images
+        spacing_mm.append(variant_spacing_mm)
+    return images, np.array(spacing_mm, dtype=np.float64)
 
 
 def measured_hc_mm(predictor, originals: list[np.ndarray], priors: np.ndarray, pixel_spacing_mm: np.ndarray) -> np.ndarray:
@@ -134,7 +136,7 @@ def main() -> None:
     results["clean_behind_other_priors"] = {
         name: errors(measured_hc_mm(predictor, clean_originals, priors, spacing)) for name, priors in reference_priors(table).items()}
     for name in args.variants:
-        variant_priors, variant_originals = stage_outputs(predictor, table, variant_images(name, clean_images, table))
+        variant_priors, variant_originals = stage_outputs(predictor, table, variant_images(name, clean_images, table)[0])
         results[name] = {
             "variant": errors(measured_hc_mm(predictor, variant_originals, variant_priors, spacing)),
             "variant_image_clean_prior": errors(measured_hc_mm(predictor, variant_originals, clean_priors, spacing)),
