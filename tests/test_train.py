@@ -167,6 +167,23 @@ def test_training_jobs_silence_ray_trains_repeated_state_api_warning():
     assert placement_group_cleaner.logger.name == NOISY_RAY_LOGGERS[0]
 
 
+def test_training_stops_without_waiting_out_the_placement_group_cleaners_10_s_poll():
+    """Without a dashboard each of the cleaner's State API polls waits out its timeout, and each training stage waits
+    for the poll in flight (`cluster.PLACEMENT_GROUP_CLEANER_POLL_TIMEOUT_S`). This fails if Ray Train stops building
+    its default callbacks where `cluster.torch_trainer` replaces the cleaner's."""
+    import ray.train
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from fetalpipe.runtime.cluster import PLACEMENT_GROUP_CLEANER_POLL_TIMEOUT_S, torch_trainer
+
+    trainer = torch_trainer(train_loop_per_worker=lambda config: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+    callbacks = trainer._create_default_callbacks()
+    cleaners = [callback for callback in callbacks if isinstance(callback, PlacementGroupCleanerCallback)]
+    assert len(cleaners) == 1 and len(callbacks) > 1
+    assert cleaners[0]._get_actor_timeout_s == PLACEMENT_GROUP_CLEANER_POLL_TIMEOUT_S <= 1
+    assert cleaners[0]._stop_timeout <= 3  # Ray's default: 12 s
+
+
 def test_refinement_stage_trains_after_a_given_stage1_and_both_run_in_inference(ray_local, sample_manifest_copy, tmp_path):
     """`--config ellipse_refine --stage1-model FILE`: stage 1 is taken from the file, the refinement stage trains through
     Ray Data + Ray Train into RUN_DIR/refinement/, model.pt holds both, and `infer` runs both in the same actors."""

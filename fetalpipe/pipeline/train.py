@@ -468,7 +468,9 @@ def _train_stage(stage_dir: str, manifest_path: str, table: pd.DataFrame, config
     """One stage's Ray Train run into STAGE_DIR (resumed from its checkpoints), then its outputs. Returns (best-epoch
     metrics, the epoch it resumed after)."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    from fetalpipe.runtime.cluster import torch_trainer
 
     name = "refinement stage" if refinement else "stage 1"
     epochs = config.refinement.epochs if refinement else config.epochs
@@ -501,8 +503,8 @@ def _train_stage(stage_dir: str, manifest_path: str, table: pd.DataFrame, config
             raise ValueError(f"no readable images left in the {'training' if train_count == 0 else 'validation'} split")
     else:
         print(f"fetalpipe train: refinement stage: {epochs} epochs on polar crops of {train_count} training images", flush=True)
-    trainer = TorchTrainer(
-        loop,
+    trainer = torch_trainer(
+        train_loop_per_worker=loop,
         train_loop_config={**loop_config, "threads_per_worker": threads_per_worker, "resume_from": latest_checkpoint},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": threads_per_worker}),
         torch_config=TorchConfig(backend="gloo"),

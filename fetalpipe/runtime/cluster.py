@@ -8,10 +8,18 @@ import signal
 import threading
 
 # Ray Train V2's placement-group cleaner asks the State API (served by the dashboard, which fetalpipe does not
-# start) whether the controller is alive, and logs this warning about once a second when it cannot: ~1,600
-# identical lines in a 30-minute training log. Its job (removing the placement group if the controller dies)
+# start) whether the controller is alive, and logs this warning every poll when it cannot: some 1,000 identical
+# lines in a 30-minute training log. Its job (removing the placement group if the controller dies)
 # does not depend on the message.
 NOISY_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+# Ray Train's placement-group cleaner (a detached actor that removes a training's placement group if its controller
+# dies) polls the State API for the controller; the controller waits for the poll in flight before it stops. Without a
+# dashboard (fetalpipe's own local Ray; a cluster started without `ray[default]`) every poll waits out its timeout, 10 s
+# by default: 12 s at the end of every training stage. With a dashboard a poll answers in milliseconds, and one that
+# times out is simply made again.
+PLACEMENT_GROUP_CLEANER_POLL_TIMEOUT_S = 1
 
 
 def ray_address_or_local(address: str | None) -> str:
@@ -24,6 +32,21 @@ def quiet_noisy_ray_loggers() -> None:
     """Runs in every Ray worker process of a training job (`worker_process_setup_hook`)."""
     for name in NOISY_RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def torch_trainer(**trainer_options):
+    """Ray Train's TorchTrainer, built from the same options, with the cleaner's poll timeout above."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class QuickCleanerTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [
+                PlacementGroupCleanerCallback(get_actor_timeout_s=PLACEMENT_GROUP_CLEANER_POLL_TIMEOUT_S) if isinstance(callback, PlacementGroupCleanerCallback) else callback
+                for callback in super()._create_default_callbacks()
+            ]
+
+    return QuickCleanerTorchTrainer(**trainer_options)
 
 
 def connect(address: str | None, quiet_ray_train: bool = False) -> None:
