@@ -286,3 +286,51 @@ def test_stage1_input_crops_inside_grey_margins_at_once_and_only_proposes_a_crop
     assert not transform.is_cropped and candidate == scan_region(black, black_margins=True) != (0, 0, 1220, 800)
     _, transform, candidate = stage1_input(scan, 256)
     assert not transform.is_cropped and candidate == (0, 0, 800, 540)
+
+
+def _turned(frame, angle_deg):
+    """FRAME turned by ANGLE_DEG (counter-clockwise) inside a frame grown to hold all of it, and the 2x3 map of its points."""
+    height, width = frame.shape
+    matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), angle_deg, 1.0)
+    corners = np.array([[0, 0], [width - 1, 0], [0, height - 1], [width - 1, height - 1]], float) @ matrix[:, :2].T + matrix[:, 2]
+    matrix[:, 2] -= corners.min(axis=0)
+    size = np.ceil(np.ptp(corners, axis=0)).astype(int) + 1
+    return cv2.warpAffine(frame, matrix, (int(size[0]), int(size[1])), flags=cv2.INTER_LINEAR, borderValue=0.0), matrix
+
+
+@pytest.mark.parametrize("angle_deg", [37.0, -28.0, 127.0])
+def test_a_frame_turned_with_its_scan_is_turned_upright_whole_and_its_points_map_back(angle_deg):
+    from fetalpipe.data.imaging import upright_turn
+
+    scan = _speckle_scan(np.random.default_rng(2), 540, 800) * 0.8 + 0.1  # no black inside the scan
+    scan[300:306, 500:506] = 1.0  # a dot at (502.5, 302.5)
+    frame, scan_to_frame = _turned(scan, angle_deg)
+    turn = upright_turn(frame)
+    assert turn is not None
+    upright = turn.apply(frame)
+    assert upright_turn(upright) is None  # upright now: nothing left to turn
+    corners = np.array([[0, 0], [799, 0], [0, 539], [799, 539]], float) @ scan_to_frame[:, :2].T + scan_to_frame[:, 2]
+    corners_upright = turn.to_upright(corners)
+    assert (corners_upright >= -1).all() and (corners_upright <= [turn.width, turn.height]).all()  # the whole scan is kept
+    long_side, short_side = max(turn.width, turn.height), min(turn.width, turn.height)
+    assert long_side / short_side == pytest.approx(800 / 540, rel=0.02) and long_side < 1.1 * 800
+    dot_frame = np.array([502.5, 302.5]) @ scan_to_frame[:, :2].T + scan_to_frame[:, 2]
+    ys, xs = np.nonzero(upright > 0.95)
+    assert np.linalg.norm(turn.to_upright(dot_frame) - [xs.mean(), ys.mean()]) < 1.0  # the dot is where the transform says
+    points = np.array([[0.0, 0.0], [812.4, 233.9], dot_frame])
+    assert np.allclose(turn.to_original(turn.to_upright(points)), points, atol=1e-9)
+
+
+def test_frames_whose_scan_is_upright_or_not_a_tilted_box_are_not_turned():
+    import pandas as pd
+
+    from fetalpipe.data.imaging import upright_turn
+    from conftest import SAMPLE_DIR, SAMPLE_MANIFEST
+
+    scan = _speckle_scan(np.random.default_rng(3), 540, 800) * 0.8 + 0.1
+    assert upright_turn(np.pad(scan, 100)) is None
+    assert upright_turn(np.rot90(np.pad(scan, 100)).copy()) is None
+    assert upright_turn(_turned(scan, 12.0)[0]) is None  # a little tilt is within what stage 1 trained on
+    assert upright_turn(np.zeros((540, 800), np.float32)) is None
+    for path in pd.read_csv(SAMPLE_MANIFEST)["image_path"]:  # HC18's fan-shaped sectors do not fill a tilted box
+        assert upright_turn(read_image(f"{SAMPLE_DIR}/{path}").pixels) is None, path

@@ -326,3 +326,40 @@ def test_stage1_confirms_a_scan_inside_black_margins_only_where_both_passes_find
     assert np.allclose(points[0], crop_answers[0]) and confidence[0] == 0.9  # confirmed twice: the crop's answer
     assert np.allclose(points[1], small_inside) and confidence[1] == 0.5  # the crop's head ran off it: the whole frame's
     assert np.allclose(points[2], large_off)
+
+
+def test_a_flagged_frame_turned_with_its_scan_is_measured_upright_and_its_points_mapped_back(tmp_path):
+    """The shipped model on sample frames turned by 37° in a grown frame, with a review rule that flags every frame (so
+    each is measured again upright) and with one that flags none: upright, HC and the head's centre agree with the
+    frame measured as stored, and the points are in the turned frame's own pixels."""
+    import dataclasses
+
+    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH
+    from fetalpipe.pipeline.infer import LandmarkPredictor
+    from test_imaging import _turned
+
+    table = pd.read_csv(SAMPLE_MANIFEST).head(4)
+    paths, turned_paths, maps = [], [], []
+    for row in table.itertuples():
+        image = cv2.imread(os.path.join(SAMPLE_DIR, row.image_path), cv2.IMREAD_GRAYSCALE)
+        turned, matrix = _turned(image.astype(np.float32), 37.0)
+        paths.append(os.path.join(SAMPLE_DIR, row.image_path))
+        turned_paths.append(write_png(tmp_path / f"turned_{row.Index}.png", np.round(turned).astype(np.uint8)))
+        maps.append(matrix)
+    predictor = LandmarkPredictor(DEFAULT_MODEL_PATH, threads=1, precision="int8")
+
+    def measure(image_paths):
+        batch = {"image_path": np.array(image_paths, dtype=object), "pixel_spacing_mm": table["pixel_spacing_mm"].to_numpy(float),
+                 "run_id": np.full(len(image_paths), "t", dtype=object)}
+        output = predictor(batch)
+        return output["hc_ellipse_mm"], np.stack([np.stack([output[f"{name}_x"], output[f"{name}_y"]], axis=1) for name in ("ofd1", "ofd2", "bpd1", "bpd2")], axis=1)
+
+    clean_hc_mm, clean_points = measure(paths)
+    predictor.review_rule = dataclasses.replace(predictor.review_rule, threshold=float("inf"))  # flags none
+    as_turned_hc_mm, as_turned_points = measure(turned_paths)
+    predictor.review_rule = dataclasses.replace(predictor.review_rule, threshold=float("-inf"))  # flags every frame
+    upright_hc_mm, upright_points = measure(turned_paths)
+    assert not np.allclose(upright_points, as_turned_points)  # the second measurement replaced the first
+    clean_centres = np.stack([m[:, :2] @ c.mean(axis=0) + m[:, 2] for m, c in zip(maps, clean_points)])  # in the turned frame
+    assert np.abs(upright_points.mean(axis=1) - clean_centres).max() < 4.0  # px, in the turned frame
+    assert np.abs(upright_hc_mm - clean_hc_mm).max() < 1.5

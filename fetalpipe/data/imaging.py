@@ -5,7 +5,9 @@ Two coordinate spaces exist in fetalpipe:
     convention: the centre of the top-left pixel is (0, 0));
   * model pixels: the resized network input (``input_size`` × ``input_size``): the frame, or the scan region found
     in it (`scan_region`: a scanner screenshot's scan without its margins), stretched to a square.
-`ResizeTransform` is the only place that converts between them.
+`ResizeTransform` is the only place that converts between them. A frame turned by a scanner or an export tool (its
+scan's box tilted) is measured a second time turned upright (`upright_turn`); `TurnTransform` maps between its
+original pixels and the upright frame's, which then play the part of original pixels.
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ SCAN_BACKGROUND_TOLERANCE = 0.03  # grey levels within this of the border's medi
 SCAN_PART_MIN_FRACTION = 0.1  # a region this share of the largest one's size is part of the scan
 SCAN_MARGIN_FRACTION = 0.04  # kept around the scan, of its size on each side
 SCAN_SEARCH_LONG_SIDE_PX = 256  # the search runs on the frame shrunk to at most this (about 1 ms a frame)
+# `upright_turn`: a frame is turned upright where its scan's box is tilted at least this much and the scan fills that box
+# (a rectangular scan turned with its frame, not HC18's fan-shaped sector or a dark scan's ragged edge: at 0.8 no clean,
+# 90°- or 180°-turned validation frame is turned, 90 of 135 turned by 37° are; docs/experiments.md).
+TILT_MIN_DEG = 20.0
+TILT_MIN_FILL = 0.8
+TILT_SEARCH_SHRINK = 4  # the search runs on every 4th row and column
+UPRIGHT_MARGIN_FRACTION = 0.02  # kept around the turned scan's box, of its size on each side
+UPRIGHT_ASPECT = 800 / 540  # the upright frame is grown to HC18's landscape shape, the frames stage 1 was trained on
 
 
 class ImageDecodeError(ValueError):
@@ -112,6 +122,61 @@ class ResizeTransform:
         in_frame = (outline >= 0).all(axis=1) & (outline[:, 0] <= self.original_width - 1) & (outline[:, 1] <= self.original_height - 1)
         in_region = (outline[:, 0] >= left) & (outline[:, 0] <= left + width - 1) & (outline[:, 1] >= top) & (outline[:, 1] <= top + height - 1)
         return float(np.mean(in_frame & ~in_region))
+
+
+@dataclass(frozen=True)
+class TurnTransform:
+    """A frame turned upright: original pixels -> upright pixels by a rotation about the scan's centre and a shift
+    (`matrix`, 2 × 3, as cv2.warpAffine takes it), into a `width` × `height` upright frame."""
+
+    matrix: tuple[tuple[float, float, float], tuple[float, float, float]]
+    width: int
+    height: int
+
+    def to_upright(self, points_original_px: np.ndarray) -> np.ndarray:
+        matrix = np.array(self.matrix)
+        return np.asarray(points_original_px, dtype=np.float64) @ matrix[:, :2].T + matrix[:, 2]
+
+    def to_original(self, points_upright_px: np.ndarray) -> np.ndarray:
+        inverse = cv2.invertAffineTransform(np.array(self.matrix))
+        return np.asarray(points_upright_px, dtype=np.float64) @ inverse[:, :2].T + inverse[:, 2]
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        """The upright frame, float32 [height, width]; black where the original has no pixels."""
+        return cv2.warpAffine(pixels, np.array(self.matrix), (self.width, self.height), flags=cv2.INTER_LINEAR, borderValue=0.0).astype(np.float32)
+
+
+def upright_turn(pixels: np.ndarray) -> TurnTransform | None:
+    """How to turn a [H, W] float frame upright, or None where its scan is not tilted. The scan is the largest region
+    brighter than `BLACK_LEVEL`; its tilt is that of the smallest box around its convex hull, taken only where the
+    hull fills the box (`TILT_MIN_FILL`). The upright frame holds the box, with a margin, grown to `UPRIGHT_ASPECT`."""
+    small = pixels[::TILT_SEARCH_SHRINK, ::TILT_SEARCH_SHRINK]
+    mask = cv2.morphologyEx((small > BLACK_LEVEL).astype(np.uint8), cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask)
+    if count < 2:
+        return None
+    largest = (labels == 1 + np.argmax(stats[1:, cv2.CC_STAT_AREA])).astype(np.uint8)
+    contours, _ = cv2.findContours(largest, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    hull = cv2.convexHull(max(contours, key=cv2.contourArea))
+    (centre_x, centre_y), (box_width, box_height), angle_deg = cv2.minAreaRect(hull)
+    if cv2.contourArea(hull) < TILT_MIN_FILL * box_width * box_height:
+        return None
+    angle_deg %= 90  # the box's tilt, whichever of its sides OpenCV measured it from, in (-45, 45]
+    if angle_deg > 45:
+        angle_deg -= 90
+    if abs(angle_deg) < TILT_MIN_DEG:
+        return None
+    # Rotating by the box's angle makes it axis-aligned: landscape, or portrait (then `ResizeTransform.for_image` turns
+    # it a quarter more, as it does any portrait frame).
+    centre = np.array([centre_x, centre_y]) * TILT_SEARCH_SHRINK
+    matrix = cv2.getRotationMatrix2D((float(centre[0]), float(centre[1])), float(angle_deg), 1.0)
+    hull_upright = (hull[:, 0, :] * TILT_SEARCH_SHRINK) @ matrix[:, :2].T + matrix[:, 2]
+    size = np.ptp(hull_upright, axis=0) * (1 + 2 * UPRIGHT_MARGIN_FRACTION)
+    aspect = UPRIGHT_ASPECT if size[0] >= size[1] else 1 / UPRIGHT_ASPECT
+    width, height = (int(np.ceil(value)) for value in np.maximum(size, [size[1] * aspect, size[0] / aspect]))
+    middle = (hull_upright.min(axis=0) + hull_upright.max(axis=0)) / 2
+    matrix[:, 2] += [width / 2 - middle[0], height / 2 - middle[1]]
+    return TurnTransform(matrix=tuple(tuple(float(value) for value in row) for row in matrix), width=width, height=height)
 
 
 def is_dicom(data: bytes) -> bool:

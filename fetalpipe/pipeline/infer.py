@@ -26,7 +26,7 @@ import pandas as pd
 
 from fetalpipe import LANDMARK_COLUMNS, __version__
 from fetalpipe.data.imaging import ResizeTransform
-from fetalpipe.measure.biometry import biometry_mm
+from fetalpipe.measure.biometry import biometry_mm, canonical_order
 from fetalpipe.measure.clinical import clinical_columns
 from fetalpipe.pipeline.predictions import (NUMERIC_MANIFEST_COLUMNS, OUTPUT_COLUMNS, RESUME_COLUMNS, REVIEW_SIGNAL_COLUMNS, compact_if_needed,
                                             newest_per_image, read_predictions, write_batch)
@@ -190,6 +190,11 @@ def load_inference_model(model_path: str, precision: str):
     return inference_network(model, precision, payload.get("int8_quantization"), config.input_size), config, payload
 
 
+# A frame measured again upright keeps that measurement unless stage 1's confidence there is lower by more than this: on
+# the speckle variant one frame turned upright was outlined at half its size, confidence 0.90 -> 0.58 (docs/experiments.md).
+UPRIGHT_CONFIDENCE_SLACK = 0.05
+
+
 class LandmarkPredictor:
     """Actor: loads the model once, then turns decoded batches into landmark + biometry rows.
 
@@ -307,6 +312,59 @@ class LandmarkPredictor:
         is_ok = np.asarray(status) == "ok"
         return needs_review & is_ok, np.where(is_ok, reasons, "").astype(object)
 
+    def measure(self, images: np.ndarray, transforms: list[ResizeTransform], originals, candidates, pixel_spacing_mm: np.ndarray):
+        """Both stages, the size line and the review signals for decoded frames (`locate`'s arguments, and each frame's pixel
+        spacing) -> ([N, 4, 2] endpoints in original pixels (NaN: no head), [N] confidence, [N] size-line scale, {signal: [N]})."""
+        count = len(images)
+        signals = {name: np.full(count, np.nan) for name in REVIEW_SIGNAL_COLUMNS}
+        points_original, confidence = self.locate(images, transforms, originals, candidates)
+        found = np.flatnonzero(np.isfinite(points_original).all(axis=(1, 2)))
+        if self.refinement is not None and len(found):
+            points_original[found], signals_px = self.refine(originals[found], points_original[found])
+            for name, values_px in signals_px.items():  # in mm: a 5 mm error is 2 % of a late head and 5 % of an early one
+                signals[f"{name}_mm"][found] = values_px * pixel_spacing_mm[found]
+        calibration_scale = np.ones(count)  # 1: not calibrated (no calibration in the model, or no spacing)
+        if self.calibration is not None:
+            points_original, calibration_scale = self.calibration.apply(points_original, pixel_spacing_mm)
+        sizes = np.array([(transform.original_width, transform.original_height) for transform in transforms]).reshape(-1, 2)
+        signals.update(plausibility_signals(points_original, sizes[:, 0], sizes[:, 1]))
+        return points_original, confidence, calibration_scale, signals
+
+    def measure_tilted_frames_upright(self, batch: dict[str, np.ndarray], points_original: np.ndarray, confidence: np.ndarray,
+                                      calibration_scale: np.ndarray, signals: dict[str, np.ndarray]) -> None:
+        """A frame whose measurement the review rule flags, and whose scan is tilted (turned with its frame by a scanner
+        or an export tool: `imaging.upright_turn`), is measured again turned upright (stage 1 was trained on upright
+        frames). Where stage 1 is about as sure of the head upright (`UPRIGHT_CONFIDENCE_SLACK`), that measurement, its
+        points mapped back to the frame's original pixels, replaces the first (in place)."""
+        from fetalpipe.data.imaging import upright_turn
+        from fetalpipe.pipeline.preprocess import stage1_input
+
+        if self.review_rule is None:
+            return
+        flagged, _ = self.review_rule.apply(pd.DataFrame({**signals, "confidence": confidence}))
+        retry, turns = [], []
+        for index in np.flatnonzero(flagged & np.isfinite(points_original).all(axis=(1, 2))):
+            turn = upright_turn(batch["original_pixels"][index])
+            if turn is not None:
+                retry.append(index)
+                turns.append(turn)
+        if not retry:
+            return
+        uprights = np.empty(len(retry), dtype=object)
+        uprights[:] = [turn.apply(batch["original_pixels"][index]) for turn, index in zip(turns, retry)]
+        images, transforms, candidates = zip(*(stage1_input(pixels, self.codec.input_size) for pixels in uprights))
+        measured = self.measure(np.stack(images), list(transforms), uprights, np.array(candidates), batch["pixel_spacing_mm"][retry])
+        for row, (index, turn) in enumerate(zip(retry, turns)):
+            if not np.isfinite(measured[0][row]).all() or measured[1][row] < confidence[index] - UPRIGHT_CONFIDENCE_SLACK:
+                continue  # no head upright, or one stage 1 is less sure of: the first measurement stands
+            points_original[index] = canonical_order(turn.to_original(measured[0][row]))
+            confidence[index], calibration_scale[index] = measured[1][row], measured[2][row]
+            for name in ("stage_disagreement_mm", "outline_fit_residual_mm", "outline_spread_mm"):
+                signals[name][index] = measured[3][name][row]
+        width, height = batch["original_width"][retry], batch["original_height"][retry]
+        for name, values in plausibility_signals(points_original[retry], width, height).items():  # in the frame as stored
+            signals[name][retry] = values
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" not in batch:  # decode_in="actors": not decoded upstream
             from fetalpipe.pipeline.preprocess import decode_batch
@@ -323,16 +381,12 @@ class LandmarkPredictor:
 
             transforms = transforms_of({key: batch[key][ok] for key in ("original_width", "original_height", "scan_region")}, self.codec.input_size)
             originals = batch["original_pixels"][ok] if "original_pixels" in batch else None
-            points_original[ok], confidence[ok] = self.locate(batch["image"][ok], transforms, originals, batch["scan_candidate"][ok])
-            found = ok[np.isfinite(points_original[ok]).all(axis=(1, 2))]
-            if self.refinement is not None and len(found):
-                points_original[found], signals_px = self.refine(batch["original_pixels"][found], points_original[found])
-                for name, values_px in signals_px.items():  # in mm: a 5 mm error is 2 % of a late head and 5 % of an early one
-                    signals[f"{name}_mm"][found] = values_px * batch["pixel_spacing_mm"][found]
-            calibration_scale[ok] = 1.0
-            if self.calibration is not None:
-                points_original[ok], calibration_scale[ok] = self.calibration.apply(points_original[ok], batch["pixel_spacing_mm"][ok])
-            signals.update(plausibility_signals(points_original, batch["original_width"], batch["original_height"]))
+            measured = self.measure(batch["image"][ok], transforms, originals, batch["scan_candidate"][ok], batch["pixel_spacing_mm"][ok])
+            points_original[ok], confidence[ok], calibration_scale[ok] = measured[:3]
+            for name, values in measured[3].items():
+                signals[name][ok] = values
+            if originals is not None:
+                self.measure_tilted_frames_upright(batch, points_original, confidence, calibration_scale, signals)
         output = {key: value for key, value in batch.items() if key not in ("image", "original_pixels", "scan_region", "scan_candidate")}
         not_found = (batch["status"] == "ok") & np.isnan(points_original).any(axis=(1, 2))
         calibration_scale[not_found] = np.nan
