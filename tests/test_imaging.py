@@ -334,3 +334,29 @@ def test_frames_whose_scan_is_upright_or_not_a_tilted_box_are_not_turned():
     assert upright_turn(np.zeros((540, 800), np.float32)) is None
     for path in pd.read_csv(SAMPLE_MANIFEST)["image_path"]:  # HC18's fan-shaped sectors do not fill a tilted box
         assert upright_turn(read_image(f"{SAMPLE_DIR}/{path}").pixels) is None, path
+
+
+def _fan_scan(rng, height=540, width=800, half_angle_deg=35.0):
+    """A stand-in for HC18's frames: speckle inside a fan-shaped sector (apex at the top middle), black around it."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    radius, angle = np.hypot(xs - width / 2, ys + 40), np.degrees(np.arctan2(xs - width / 2, ys + 40))
+    inside = (np.abs(angle) <= half_angle_deg) & (radius >= 80) & (radius <= height + 20)
+    return np.where(inside, np.clip(rng.gamma(2.0, 0.12, (height, width)), 0.05, 1), 0).astype(np.float32)
+
+
+@pytest.mark.parametrize("angle_deg", [30.0, -40.0])
+def test_a_fan_shaped_scan_turned_with_its_frame_is_turned_until_it_is_mirror_symmetric_again(angle_deg):
+    from fetalpipe.data.imaging import _mirror_symmetric_turn_deg, upright_turn
+
+    fan = _fan_scan(np.random.default_rng(4))
+    assert upright_turn(fan) is None and upright_turn(_turned(fan, 12.0)[0]) is None
+    frame, fan_to_frame = _turned(fan, angle_deg)
+    turn = upright_turn(frame)
+    assert turn is not None
+    upright = turn.apply(frame)
+    assert upright_turn(upright) is None
+    assert abs(_mirror_symmetric_turn_deg((upright[::4, ::4] > 0.02).astype(np.uint8))) <= 3
+    apex = np.array([400.0, 0.0]) @ fan_to_frame[:, :2].T + fan_to_frame[:, 2]  # above the fan: the sector's apex side
+    arc = np.array([400.0, 539.0]) @ fan_to_frame[:, :2].T + fan_to_frame[:, 2]
+    apex_upright, arc_upright = turn.to_upright(apex), turn.to_upright(arc)
+    assert abs(apex_upright[0] - arc_upright[0]) < 0.1 * abs(apex_upright[1] - arc_upright[1]) and apex_upright[1] < arc_upright[1]

@@ -37,12 +37,16 @@ SCAN_BACKGROUND_TOLERANCE = 0.03  # grey levels within this of the border's medi
 SCAN_PART_MIN_FRACTION = 0.1  # a region this share of the largest one's size is part of the scan
 SCAN_MARGIN_FRACTION = 0.04  # kept around the scan, of its size on each side
 SCAN_SEARCH_LONG_SIDE_PX = 256  # the search runs on the frame shrunk to at most this (about 1 ms a frame)
-# `upright_turn`: a frame is turned upright where its scan's box is tilted at least this much and the scan fills that box
-# (a rectangular scan turned with its frame, not HC18's fan-shaped sector or a dark scan's ragged edge: at 0.8 no clean,
-# 90°- or 180°-turned validation frame is turned, 90 of 135 turned by 37° are; docs/experiments.md).
+# `upright_turn`: a frame is turned upright where its scan is tilted at least TILT_MIN_DEG (stage 1 trained on ±20°). A
+# scan that fills TILT_MIN_FILL of its smallest box is a rectangle turned with its frame, tilted as that box; at 0.8 a
+# dark scan's ragged edge does not pass for one (docs/experiments.md). Any other scan (HC18's fan-shaped sector) is tilted
+# by the turn that makes it most nearly mirror-symmetric, searched over ±60° and used up to ±45°: the search's best
+# angle at its ends (±60°) is no symmetry found, and beyond 45° a frame is nearer a quarter turn.
 TILT_MIN_DEG = 20.0
 TILT_MIN_FILL = 0.8
-TILT_SEARCH_SHRINK = 4  # the search runs on every 4th row and column
+SECTOR_SEARCH_ANGLES_DEG = np.arange(-60, 61, 3)
+SECTOR_MAX_TILT_DEG = 45.0
+TILT_SEARCH_LONG_SIDE_PX = 256  # the search runs on the frame shrunk by a whole factor to at most this (4 for 800 × 540)
 UPRIGHT_MARGIN_FRACTION = 0.02  # kept around the turned scan's box, of its size on each side
 UPRIGHT_ASPECT = 800 / 540  # the upright frame is grown to HC18's landscape shape, the frames stage 1 was trained on
 
@@ -148,35 +152,55 @@ class TurnTransform:
 
 def upright_turn(pixels: np.ndarray) -> TurnTransform | None:
     """How to turn a [H, W] float frame upright, or None where its scan is not tilted. The scan is the largest region
-    brighter than `BLACK_LEVEL`; its tilt is that of the smallest box around its convex hull, taken only where the
-    hull fills the box (`TILT_MIN_FILL`). The upright frame holds the box, with a margin, grown to `UPRIGHT_ASPECT`."""
-    small = pixels[::TILT_SEARCH_SHRINK, ::TILT_SEARCH_SHRINK]
-    mask = cv2.morphologyEx((small > BLACK_LEVEL).astype(np.uint8), cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+    brighter than `BLACK_LEVEL`. Where its convex hull fills the smallest box around it (`TILT_MIN_FILL`: a rectangular
+    scan), the tilt is the box's; otherwise (a fan-shaped sector, as HC18's) it is the turn that makes the region most
+    nearly mirror-symmetric about a vertical line (`SECTOR_SEARCH_ANGLES_DEG`), taken only up to `SECTOR_MAX_TILT_DEG`.
+    Either is used from `TILT_MIN_DEG`. The upright frame holds the region, with a margin, grown to `UPRIGHT_ASPECT`."""
+    shrink = max(1, int(np.ceil(max(pixels.shape) / TILT_SEARCH_LONG_SIDE_PX)))
+    mask = cv2.morphologyEx((pixels[::shrink, ::shrink] > BLACK_LEVEL).astype(np.uint8), cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask)
     if count < 2:
         return None
     largest = (labels == 1 + np.argmax(stats[1:, cv2.CC_STAT_AREA])).astype(np.uint8)
     contours, _ = cv2.findContours(largest, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    hull = cv2.convexHull(max(contours, key=cv2.contourArea))
-    (centre_x, centre_y), (box_width, box_height), angle_deg = cv2.minAreaRect(hull)
-    if cv2.contourArea(hull) < TILT_MIN_FILL * box_width * box_height:
-        return None
-    angle_deg %= 90  # the box's tilt, whichever of its sides OpenCV measured it from, in (-45, 45]
-    if angle_deg > 45:
-        angle_deg -= 90
+    hull = cv2.convexHull(max(contours, key=cv2.contourArea))[:, 0, :].astype(np.float64)
+    (centre_x, centre_y), (box_width, box_height), angle_deg = cv2.minAreaRect(hull.astype(np.float32))
+    if cv2.contourArea(hull.astype(np.float32)) >= TILT_MIN_FILL * box_width * box_height:
+        angle_deg %= 90  # the box's tilt, whichever of its sides OpenCV measured it from, in (-45, 45]
+        if angle_deg > 45:
+            angle_deg -= 90
+    else:
+        angle_deg = _mirror_symmetric_turn_deg(largest)
+        if abs(angle_deg) > SECTOR_MAX_TILT_DEG:
+            return None
     if abs(angle_deg) < TILT_MIN_DEG:
         return None
-    # Rotating by the box's angle makes it axis-aligned: landscape, or portrait (then `ResizeTransform.for_image` turns
-    # it a quarter more, as it does any portrait frame).
-    centre = np.array([centre_x, centre_y]) * TILT_SEARCH_SHRINK
+    # Rotating by that angle makes the box axis-aligned, or the sector's axis vertical: landscape, or portrait (then
+    # `ResizeTransform.for_image` turns it a quarter more, as it does any portrait frame).
+    centre = np.array([centre_x, centre_y]) * shrink
     matrix = cv2.getRotationMatrix2D((float(centre[0]), float(centre[1])), float(angle_deg), 1.0)
-    hull_upright = (hull[:, 0, :] * TILT_SEARCH_SHRINK) @ matrix[:, :2].T + matrix[:, 2]
+    hull_upright = hull * shrink @ matrix[:, :2].T + matrix[:, 2]
     size = np.ptp(hull_upright, axis=0) * (1 + 2 * UPRIGHT_MARGIN_FRACTION)
     aspect = UPRIGHT_ASPECT if size[0] >= size[1] else 1 / UPRIGHT_ASPECT
     width, height = (int(np.ceil(value)) for value in np.maximum(size, [size[1] * aspect, size[0] / aspect]))
     middle = (hull_upright.min(axis=0) + hull_upright.max(axis=0)) / 2
     matrix[:, 2] += [width / 2 - middle[0], height / 2 - middle[1]]
     return TurnTransform(matrix=tuple(tuple(float(value) for value in row) for row in matrix), width=width, height=height)
+
+
+def _mirror_symmetric_turn_deg(mask: np.ndarray) -> float:
+    """The angle (`SECTOR_SEARCH_ANGLES_DEG`) whose turn about the region's centroid leaves a uint8 [h, w] mask most
+    nearly its own mirror image about the vertical through that centroid (overlap with the mirror / area)."""
+    ys, xs = np.nonzero(mask)
+    centre_x, centre_y = xs.mean(), ys.mean()
+    side = int(np.ceil(np.hypot(*mask.shape))) | 1
+    scores = []
+    for angle_deg in SECTOR_SEARCH_ANGLES_DEG:
+        matrix = cv2.getRotationMatrix2D((float(centre_x), float(centre_y)), float(angle_deg), 1.0)
+        matrix[:, 2] += [side / 2 - centre_x, side / 2 - centre_y]  # the centroid to the middle column
+        turned = cv2.warpAffine(mask, matrix, (side, side), flags=cv2.INTER_NEAREST)
+        scores.append((turned & turned[:, ::-1]).sum() / max(int(turned.sum()), 1))
+    return float(SECTOR_SEARCH_ANGLES_DEG[int(np.argmax(scores))])
 
 
 def is_dicom(data: bytes) -> bool:
