@@ -6,7 +6,7 @@ Two coordinate spaces exist in fetalpipe:
   * model pixels: the resized network input (``input_size`` × ``input_size``): the frame, or the scan region found
     in it (`scan_region`: a scanner screenshot's scan without its margins), stretched to a square.
 `ResizeTransform` is the only place that converts between them. A frame turned by a scanner or an export tool (its
-scan's box tilted) is measured a second time turned upright (`upright_turn`); `TurnTransform` maps between its
+scan tilted) can be measured a second time turned upright (`upright_turn`); `TurnTransform` maps between its
 original pixels and the upright frame's, which then play the part of original pixels.
 """
 

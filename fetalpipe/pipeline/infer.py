@@ -353,14 +353,15 @@ class LandmarkPredictor:
         uprights = np.empty(len(retry), dtype=object)
         uprights[:] = [turn.apply(batch["original_pixels"][index]) for turn, index in zip(turns, retry)]
         images, transforms, candidates = zip(*(stage1_input(pixels, self.codec.input_size) for pixels in uprights))
-        measured = self.measure(np.stack(images), list(transforms), uprights, np.array(candidates), batch["pixel_spacing_mm"][retry])
+        points_upright, confidence_upright, scale_upright, signals_upright = self.measure(
+            np.stack(images), list(transforms), uprights, np.array(candidates), batch["pixel_spacing_mm"][retry])
         for row, (index, turn) in enumerate(zip(retry, turns)):
-            if not np.isfinite(measured[0][row]).all() or measured[1][row] < confidence[index] - UPRIGHT_CONFIDENCE_SLACK:
+            if not np.isfinite(points_upright[row]).all() or confidence_upright[row] < confidence[index] - UPRIGHT_CONFIDENCE_SLACK:
                 continue  # no head upright, or one stage 1 is less sure of: the first measurement stands
-            points_original[index] = canonical_order(turn.to_original(measured[0][row]))
-            confidence[index], calibration_scale[index] = measured[1][row], measured[2][row]
+            points_original[index] = canonical_order(turn.to_original(points_upright[row]))
+            confidence[index], calibration_scale[index] = confidence_upright[row], scale_upright[row]
             for name in ("stage_disagreement_mm", "outline_fit_residual_mm", "outline_spread_mm"):
-                signals[name][index] = measured[3][name][row]
+                signals[name][index] = signals_upright[name][row]
         width, height = batch["original_width"][retry], batch["original_height"][retry]
         for name, values in plausibility_signals(points_original[retry], width, height).items():  # in the frame as stored
             signals[name][retry] = values
@@ -381,9 +382,9 @@ class LandmarkPredictor:
 
             transforms = transforms_of({key: batch[key][ok] for key in ("original_width", "original_height", "scan_region")}, self.codec.input_size)
             originals = batch["original_pixels"][ok] if "original_pixels" in batch else None
-            measured = self.measure(batch["image"][ok], transforms, originals, batch["scan_candidate"][ok], batch["pixel_spacing_mm"][ok])
-            points_original[ok], confidence[ok], calibration_scale[ok] = measured[:3]
-            for name, values in measured[3].items():
+            points_original[ok], confidence[ok], calibration_scale[ok], signals_ok = self.measure(
+                batch["image"][ok], transforms, originals, batch["scan_candidate"][ok], batch["pixel_spacing_mm"][ok])
+            for name, values in signals_ok.items():
                 signals[name][ok] = values
             if originals is not None:
                 self.measure_tilted_frames_upright(batch, points_original, confidence, calibration_scale, signals)
