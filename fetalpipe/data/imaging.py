@@ -163,9 +163,9 @@ def upright_turn(pixels: np.ndarray) -> TurnTransform | None:
         return None
     largest = (labels == 1 + np.argmax(stats[1:, cv2.CC_STAT_AREA])).astype(np.uint8)
     contours, _ = cv2.findContours(largest, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    hull = cv2.convexHull(max(contours, key=cv2.contourArea))[:, 0, :].astype(np.float64)
-    (centre_x, centre_y), (box_width, box_height), angle_deg = cv2.minAreaRect(hull.astype(np.float32))
-    if cv2.contourArea(hull.astype(np.float32)) >= TILT_MIN_FILL * box_width * box_height:
+    hull = cv2.convexHull(max(contours, key=cv2.contourArea))[:, 0, :].astype(np.float32)
+    (centre_x, centre_y), (box_width, box_height), angle_deg = cv2.minAreaRect(hull)
+    if cv2.contourArea(hull) >= TILT_MIN_FILL * box_width * box_height:
         angle_deg %= 90  # the box's tilt, whichever of its sides OpenCV measured it from, in (-45, 45]
         if angle_deg > 45:
             angle_deg -= 90
@@ -179,7 +179,7 @@ def upright_turn(pixels: np.ndarray) -> TurnTransform | None:
     # `ResizeTransform.for_image` turns it a quarter more, as it does any portrait frame).
     centre = np.array([centre_x, centre_y]) * shrink
     matrix = cv2.getRotationMatrix2D((float(centre[0]), float(centre[1])), float(angle_deg), 1.0)
-    hull_upright = hull * shrink @ matrix[:, :2].T + matrix[:, 2]
+    hull_upright = hull.astype(np.float64) * shrink @ matrix[:, :2].T + matrix[:, 2]
     size = np.ptp(hull_upright, axis=0) * (1 + 2 * UPRIGHT_MARGIN_FRACTION)
     aspect = UPRIGHT_ASPECT if size[0] >= size[1] else 1 / UPRIGHT_ASPECT
     width, height = (int(np.ceil(value)) for value in np.maximum(size, [size[1] * aspect, size[0] / aspect]))

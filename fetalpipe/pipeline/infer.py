@@ -360,10 +360,10 @@ class LandmarkPredictor:
                 continue  # no head upright, or one stage 1 is less sure of: the first measurement stands
             points_original[index] = canonical_order(turn.to_original(points_upright[row]))
             confidence[index], calibration_scale[index] = confidence_upright[row], scale_upright[row]
-            for name in ("stage_disagreement_mm", "outline_fit_residual_mm", "outline_spread_mm"):
-                signals[name][index] = signals_upright[name][row]
+            for name, values in signals_upright.items():
+                signals[name][index] = values[row]
         width, height = batch["original_width"][retry], batch["original_height"][retry]
-        for name, values in plausibility_signals(points_original[retry], width, height).items():  # in the frame as stored
+        for name, values in plausibility_signals(points_original[retry], width, height).items():  # the frame's, not the upright one's
             signals[name][retry] = values
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
