@@ -15,7 +15,15 @@ over), so BatchNorm sees 16 images a step instead of 8; images are the library's
     python studies/gpu_sweep.py run --cache runs/gpu_cache/hc18_256.npz --output OUT [--processes 4] [--deadline-s 480]
 
 `run` starts PROCESSES copies of itself; each takes every PROCESSES-th (recipe, seed) in priority order and
-appends one JSON line per finished run to OUT/sweep-<index>.jsonl; `summarize OUT... [--json FILE]` prints the table."""
+appends one JSON line per finished run to OUT/sweep-<index>.jsonl; `summarize OUT... [--json FILE]` prints the table.
+With `run --save-models DIR`, each run's weights become a stage-1 model file, and back on the CPU machine
+
+    python studies/gpu_sweep.py behind-refinement --models DIR/*.pt --refinement-run runs/refine_full --output runs/g3 \
+        --json studies/results/gpu_stage1_behind_refinement.json
+
+puts the refinement stage of REFINEMENT_RUN (its finished `refinement/` checkpoints) behind each of them with
+`fetalpipe train --stage1-model` (which then calibrates), and scores the calibrated file on validation with
+`fetalpipe infer` + `fetalpipe evaluate`: the two-stage measurement that the shipped model's rows report."""
 
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ from fetalpipe import LANDMARK_COLUMNS  # noqa: E402
 from fetalpipe.data.augment import AugmentConfig  # noqa: E402
 from fetalpipe.data.imaging import ResizeTransform  # noqa: E402
 from fetalpipe.model.config import TrainConfig, resolve_config  # noqa: E402
+from fetalpipe.model.model_file import read_model_header  # noqa: E402
 from fetalpipe.pipeline.evaluate import per_image_errors
 from fetalpipe.pipeline.evaluate import summarize as summarize_errors  # noqa: E402
 from fetalpipe.pipeline.preprocess import encode_batch  # noqa: E402
@@ -65,6 +74,12 @@ RECIPES = [
     ("per_worker_bn_batch4_epochs60", "ellipse_deep", {"batch_size": 4, "epochs": 60}, {}, {}, {"split_batchnorm": True}, (0, 1)),
     # The seed report's own row: its config as it trained, in one process with batch 8 (no Ray, so no global batch of 16).
     ("seed", "seed", {}, {}, {}, {"workers": 1}, (0, 1, 2)),
+    # Third sweep, saved (--save-models) to run behind the refinement stage: does a stage 1 trained 4x as long, with or
+    # without R7's intensity ranges (augment.INTENSITY_FINE_TUNE_AUGMENT), move the two-stage measurement?
+    ("stage1_120", "ellipse_deep", {"epochs": 120}, {}, {}, {}, (0, 1, 2)),
+    ("stage1_120_intensity", "ellipse_deep", {"epochs": 120}, {}, {"gamma_range": (0.5, 1.8), "contrast_range": (0.6, 1.4), "noise_probability": 0.2}, {}, (0, 1, 2)),
+    # A cheaper stage 1 trained longer (R14's half width, 2.5x cheaper a pass): 90 epochs cost what 36 min on the CPU.
+    ("stage1_narrow_90", "ellipse_deep", {"epochs": 90}, {"base_width": 8}, {}, {}, (0, 1, 2)),
 ]
 
 
@@ -139,7 +154,8 @@ def validate(model, images, original_sizes, points_original, spacing, hc_mm, cod
             "bpd_mae_mm": summary.get("bpd_mae_mm"), "ofd_mae_mm": summary.get("ofd_mae_mm"), "sdr_2mm": summary.get("sdr_2mm")}
 
 
-def train_one(cache, recipe, seed: int, device: str, loader_workers: int, epochs_override: int | None, train_limit: int | None) -> dict:
+def train_one(cache, recipe, seed: int, device: str, loader_workers: int, epochs_override: int | None, train_limit: int | None,
+              save_dir: str | None = None) -> dict:
     import torch
 
     from fetalpipe.model.networks import HeatmapUNet
@@ -192,9 +208,17 @@ def train_one(cache, recipe, seed: int, device: str, loader_workers: int, epochs
             curve.append({"epoch": epoch + 1, **validate(model, *val_args)})
     train_seconds = time.perf_counter() - started
     final = validate(model, *val_args)
+    saved = None
+    if save_dir:  # a stage-1 model file, the BatchNorm statistics as trained (what `fetalpipe train` ships)
+        from fetalpipe.model.model_file import save_model
+
+        saved = os.path.join(save_dir, f"{name}-{seed}.pt")
+        weights = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+        save_model(saved, weights, config, metrics={"hc_mae_mm": final["hc_mae_mm"], "epoch": config.epochs},
+                   training={"trainer": "studies/gpu_sweep.py", "recipe": name, "seed": seed, "augment": {key: list(value) if isinstance(value, tuple) else value for key, value in augment_overrides.items()}})
     result = {"recipe": name, "seed": seed, "epochs": config.epochs, "train_images": len(train_index), "val_images": len(val_index),
               "global_batch": global_batch, "lr": config.lr, "options": options, "model": values["model"], "augment": augment_overrides,
-              "final_running_stats": final, "curve": curve, "seconds": round(train_seconds, 1)}
+              "final_running_stats": final, "curve": curve, "seconds": round(train_seconds, 1), "saved_model": saved}
     if options.get("norm") != "group":
         recompute_batchnorm(model, cache["images"][train_index].astype(np.float32) / 255.0, device=device)  # rule (a)
         result["final_recomputed_a"] = validate(model, *val_args)
@@ -216,7 +240,7 @@ def run_worker(args) -> None:
         if time.time() > deadline:
             print(f"[{args.worker_index}] deadline: skipping {recipe[0]} seed {seed}", flush=True)
             continue
-        result = train_one(cache, recipe, seed, device, args.loader_workers, args.epochs, args.train_limit)
+        result = train_one(cache, recipe, seed, device, args.loader_workers, args.epochs, args.train_limit, args.save_models)
         result.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__)
         with open(path, "a") as handle:
             handle.write(json.dumps(result) + "\n")
@@ -253,6 +277,47 @@ def summarize(outputs: list[str], json_path: str | None = None) -> pd.DataFrame:
     return table
 
 
+def behind_refinement(models: list[str], refinement_run: str, manifest: str, val_manifest: str, output: str, json_path: str | None) -> pd.DataFrame:
+    """Each saved stage 1 behind one trained refinement stage, calibrated and evaluated; resumes (a finished model is
+    read back, not run again)."""
+    import shutil
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    rows = []
+    for model in models:
+        name = os.path.splitext(os.path.basename(model))[0]
+        run_dir = os.path.join(output, name)
+        metrics_path = os.path.join(run_dir, "val", "report", "metrics.json")
+        if not os.path.exists(metrics_path):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            os.makedirs(run_dir)
+            shutil.copytree(os.path.join(refinement_run, "refinement"), os.path.join(run_dir, "refinement"))
+            calibrated = os.path.join(run_dir, "model_calibrated.pt")
+            for command in (["train", "--manifest", manifest, "--output", run_dir, "--config", "ellipse_refine", "--stage1-model", model],
+                            ["infer", "--manifest", val_manifest, "--model", calibrated, "--output", os.path.join(run_dir, "val")],
+                            ["evaluate", "--predictions", os.path.join(run_dir, "val"), "--manifest", val_manifest, "--output", os.path.join(run_dir, "val", "report")]):
+                with open(os.path.join(run_dir, f"{command[0]}.log"), "w") as log:
+                    subprocess.run([sys.executable, "-m", "fetalpipe.cli", *command], check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with open(metrics_path) as handle:
+            metrics = json.load(handle)
+        stage1 = read_model_header(model)
+        rows.append({"stage1": name, "recipe": stage1["training"].get("recipe"), "seed": stage1["training"].get("seed"),
+                     "stage1_hc_mae_mm": stage1["metrics"].get("hc_mae_mm"),
+                     **{key: metrics[key] for key in ("hc_ellipse_mae_mm", "hc_ellipse_mean_diff_mm", "bpd_mae_mm", "ofd_mae_mm", "mre_mm", "sdr_2mm",
+                                                      "hc_ellipse_images_over_5mm", "flagged_fraction", "flagged_of_images_over_5mm")}})
+        print(f"{name}: two stages HC MAE {metrics['hc_ellipse_mae_mm']:.3f} mm", flush=True)
+    table = pd.DataFrame(rows)
+    print(table.round(3).to_string(index=False))
+    grouped = table.groupby("recipe", sort=False)[["stage1_hc_mae_mm", "hc_ellipse_mae_mm", "bpd_mae_mm", "ofd_mae_mm", "mre_mm", "sdr_2mm", "hc_ellipse_images_over_5mm"]].agg(["mean", "min", "max"])
+    print(grouped.round(3).to_string())
+    if json_path:
+        with open(json_path, "w") as handle:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+            machine = f"{os.uname().machine}, {os.cpu_count()} CPUs (infer, evaluate and calibrate)"
+            json.dump({"refinement_run": refinement_run, "commit": commit, "machine": machine, "runs": rows}, handle, indent=1)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -268,19 +333,31 @@ def main() -> None:
     run_parser.add_argument("--only", nargs="*", help="recipe names to run (default: all)")
     run_parser.add_argument("--epochs", type=int, help="override every recipe's epochs (smoke tests)")
     run_parser.add_argument("--train-limit", type=int, help="use only the first N training images (smoke tests)")
+    run_parser.add_argument("--save-models", help="write each run's weights here as a stage-1 model file, RECIPE-SEED.pt")
     run_parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     summary_parser = commands.add_parser("summarize")
     summary_parser.add_argument("outputs", nargs="+", help="run --output folders")
     summary_parser.add_argument("--json", help="also write every run and the table here")
+    behind_parser = commands.add_parser("behind-refinement")
+    behind_parser.add_argument("--models", nargs="+", required=True, help="stage-1 model files from run --save-models")
+    behind_parser.add_argument("--refinement-run", required=True, help="a `fetalpipe train --config ellipse_refine` run folder")
+    behind_parser.add_argument("--manifest", default="runs/hc18.csv")
+    behind_parser.add_argument("--val-manifest", default="runs/hc18_val.csv")
+    behind_parser.add_argument("--output", required=True)
+    behind_parser.add_argument("--json", help="also write every run here")
     args = parser.parse_args()
     if args.command == "build-cache":
         build_cache(args.manifest, args.output)
     elif args.command == "summarize":
         summarize(args.outputs, args.json)
+    elif args.command == "behind-refinement":
+        behind_refinement(args.models, args.refinement_run, args.manifest, args.val_manifest, args.output, args.json)
     elif args.worker_index is not None:
         run_worker(args)
     else:
         os.makedirs(args.output, exist_ok=True)
+        if args.save_models:
+            os.makedirs(args.save_models, exist_ok=True)
         children = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--worker-index", str(index)]) for index in range(args.processes)]
         codes = [child.wait() for child in children]
         summarize([args.output])

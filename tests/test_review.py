@@ -72,6 +72,7 @@ def test_apply_scores_each_row_and_names_what_raised_it():
     table = pd.DataFrame({"stage_disagreement_mm": [0.01, 0.1, 0.01, np.nan, 0.1], "axis_ratio": [0.8, 0.8, 0.5, 0.8, 0.5]})
     needs_review, reasons = _hand_rule().apply(table)
     assert needs_review.tolist() == [False, True, True, False, True]
+    assert _hand_rule().flags(table).tolist() == needs_review.tolist()
     assert _hand_rule().score(table) == pytest.approx([0.0, 2 * np.log(10), 3.0, 0.0, 2 * np.log(10) + 3.0])
     assert reasons[0] == "" and reasons[3] == ""  # a missing signal counts as its training mean
     assert reasons[1] == "review score 4.61 > 1.00: stage_disagreement_mm 0.1 (high)"

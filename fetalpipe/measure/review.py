@@ -67,6 +67,10 @@ class ReviewRule:
     def score(self, signals: pd.DataFrame) -> np.ndarray:
         return self.bias + self.standardised(signals) @ np.array(self.weights)
 
+    def flags(self, signals: pd.DataFrame) -> np.ndarray:
+        """needs_review bool [N] alone: `apply` without writing the reasons."""
+        return self.score(signals) > self.threshold
+
     def apply(self, signals: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(needs_review bool [N], review_reason text [N]: '' or 'review score 1.2 > 0.8: signal value (high); …', naming
         at most the two signals that raised the score most)."""

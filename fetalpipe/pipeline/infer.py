@@ -341,7 +341,7 @@ class LandmarkPredictor:
 
         if self.review_rule is None:
             return
-        flagged, _ = self.review_rule.apply(pd.DataFrame({**signals, "confidence": confidence}))
+        flagged = self.review_rule.flags(pd.DataFrame({**signals, "confidence": confidence}))
         retry, turns = [], []
         for index in np.flatnonzero(flagged & np.isfinite(points_original).all(axis=(1, 2))):
             turn = upright_turn(batch["original_pixels"][index])
