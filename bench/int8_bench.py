@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fetalpipe import LANDMARK_COLUMNS  # noqa: E402
 from fetalpipe.data.imaging import read_image, resize_to_model  # noqa: E402
+from fetalpipe.data.manifest import landmarks_original_px  # noqa: E402
 from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, load_model  # noqa: E402
 from fetalpipe.model.networks import to_model_input  # noqa: E402
 from fetalpipe.model.quantize import to_int8  # noqa: E402
@@ -59,7 +59,7 @@ def accuracy(model_path: str, manifest: str, folder: str) -> dict:
         with open(os.path.join(output, "report", "metrics.json")) as handle:
             metrics[precision] = json.load(handle)
         landmarks[precision] = pd.read_csv(os.path.join(output, "predictions.csv")).sort_values("image_path")
-    points = {p: table[list(LANDMARK_COLUMNS)].to_numpy().reshape(-1, 4, 2) for p, table in landmarks.items()}
+    points = {p: landmarks_original_px(table) for p, table in landmarks.items()}
     distance_px = np.linalg.norm(points["int8"] - points["fp32"], axis=-1)  # original image pixels, same landmark order
     hc_difference_mm = np.abs(landmarks["int8"]["hc_ellipse_mm"].to_numpy() - landmarks["fp32"]["hc_ellipse_mm"].to_numpy())
     keys = ("hc_ellipse_mae_mm", "bpd_mae_mm", "ofd_mae_mm", "mre_mm", "sdr_2mm")

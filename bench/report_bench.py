@@ -23,6 +23,7 @@ import pandas as pd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_record import report  # noqa: E402  (bench/, the script's own folder)
 from fetalpipe import LANDMARK_COLUMNS  # noqa: E402
+from fetalpipe.data.manifest import landmarks_original_px  # noqa: E402
 from fetalpipe.measure.biometry import biometry_mm  # noqa: E402
 from fetalpipe.measure.clinical import clinical_columns  # noqa: E402
 from fetalpipe.pipeline.report import write_report  # noqa: E402
@@ -35,7 +36,7 @@ def synthetic_run(output_dir: str, rows: int, seed: int = 0) -> None:
     sample = pd.read_csv(os.path.join(SAMPLE_DIR, "manifest.csv"), dtype={"subject_id": str})
     table = sample.iloc[np.arange(rows) % len(sample)].reset_index(drop=True)
     table["image_path"] = [os.path.join(SAMPLE_DIR, path) for path in table["image_path"]]
-    points = table[list(LANDMARK_COLUMNS)].to_numpy(float).reshape(-1, 4, 2) + rng.normal(0, 2, (rows, 4, 2))
+    points = landmarks_original_px(table) + rng.normal(0, 2, (rows, 4, 2))
     table[list(LANDMARK_COLUMNS)] = points.reshape(rows, 8)
     for name, values in biometry_mm(points, table["pixel_spacing_mm"].to_numpy(float)).items():
         table[name] = values

@@ -39,7 +39,6 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fetalpipe import LANDMARK_COLUMNS  # noqa: E402
 from fetalpipe.data.augment import AugmentConfig  # noqa: E402
 from fetalpipe.data.imaging import ResizeTransform  # noqa: E402
 from fetalpipe.model.config import TrainConfig, resolve_config  # noqa: E402
@@ -86,7 +85,7 @@ RECIPES = [
 def build_cache(manifest_path: str, output_path: str, input_size: int = 256) -> None:
     """Decode + resize every labelled image once (the library's resize), store uint8 with landmarks and the split."""
     from fetalpipe.data.imaging import read_image, resize_to_model
-    from fetalpipe.data.manifest import load_manifest
+    from fetalpipe.data.manifest import landmarks_original_px, load_manifest
 
     table = load_manifest(manifest_path, require_landmarks=True)
     train_table, val_table = split_by_subject(table, 0.15)
@@ -101,7 +100,7 @@ def build_cache(manifest_path: str, output_path: str, input_size: int = 256) -> 
         output_path,
         images=np.stack(images),
         original_sizes=np.array(sizes),
-        points_original=both[list(LANDMARK_COLUMNS)].to_numpy(np.float64).reshape(-1, 4, 2),
+        points_original=landmarks_original_px(both),
         pixel_spacing_mm=both["pixel_spacing_mm"].to_numpy(np.float64),
         hc_mm=both["hc_mm"].to_numpy(np.float64),
         is_validation=np.r_[np.zeros(len(train_table), bool), np.ones(len(val_table), bool)],

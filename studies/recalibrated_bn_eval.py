@@ -24,10 +24,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fetalpipe import LANDMARK_COLUMNS  # noqa: E402
 from fetalpipe.data.augment import AugmentConfig, random_affine, random_intensity  # noqa: E402
 from fetalpipe.data.imaging import ResizeTransform, read_image, resize_to_model  # noqa: E402
-from fetalpipe.data.manifest import load_manifest  # noqa: E402
+from fetalpipe.data.manifest import landmarks_original_px, load_manifest  # noqa: E402
 from fetalpipe.model.config import TrainConfig  # noqa: E402
 from fetalpipe.model.networks import HeatmapUNet  # noqa: E402
 from fetalpipe.pipeline.evaluate import per_image_errors  # noqa: E402
@@ -106,7 +105,7 @@ def main() -> None:
         # Runs trained without augmentation have only the un-augmented statistics to compare against.
         augmented_images = augmented_passes(train_images, args.augmented_passes) if config.augment and args.augmented_passes else None
         val_images, val_sizes = load_images(val["image_path"], config.input_size)
-        reference = val[list(LANDMARK_COLUMNS)].to_numpy(np.float64).reshape(-1, 4, 2)
+        reference = landmarks_original_px(val)
         spacing, reference_hc = val["pixel_spacing_mm"].to_numpy(np.float64), val["hc_mm"].to_numpy(np.float64)
         checkpoints = sorted(path for path in glob.glob(os.path.join(run, "ray_train", "checkpoint_*")) if os.path.isdir(path))
         logged = [json.load(open(os.path.join(path, "metrics.json"))) for path in checkpoints]

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fetalpipe import LANDMARK_COLUMNS, __version__  # noqa: E402
 from fetalpipe.data.imaging import read_image  # noqa: E402
-from fetalpipe.data.manifest import load_manifest  # noqa: E402
+from fetalpipe.data.manifest import landmarks_original_px, load_manifest  # noqa: E402
 
 VARIANTS = ("clean", "screenshot", "screenshot_black", "rotate90", "rotate180", "rotate37", "speckle", "bright", "dark", "jpeg30", "half_resolution",
             "double_resolution")
@@ -89,9 +89,8 @@ def build_variant(name: str, table: pd.DataFrame, folder: str) -> str:
     variant_dir = os.path.abspath(os.path.join(folder, name))
     os.makedirs(variant_dir, exist_ok=True)
     rows = []
-    for row in table.itertuples(index=False):
+    for row, points in zip(table.itertuples(index=False), landmarks_original_px(table)):
         pixels = np.round(read_image(row.image_path).pixels * 255).astype(np.uint8)
-        points = np.array([getattr(row, column) for column in LANDMARK_COLUMNS], dtype=np.float64).reshape(4, 2)
         image, moved, spacing, extension = make_variant(name, pixels, points, float(row.pixel_spacing_mm), rng)
         path = os.path.join(variant_dir, os.path.splitext(os.path.basename(row.image_path))[0] + extension)
         parameters = [cv2.IMWRITE_JPEG_QUALITY, 30] if extension == ".jpg" else []

@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fetalpipe import LANDMARK_COLUMNS, __version__  # noqa: E402
+from fetalpipe import __version__  # noqa: E402
 from fetalpipe.data.imaging import ResizeTransform, clamp_brightness, read_image, scan_region  # noqa: E402
-from fetalpipe.data.manifest import load_manifest  # noqa: E402
+from fetalpipe.data.manifest import landmarks_original_px, load_manifest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from robustness import VARIANTS, make_variant  # noqa: E402
@@ -43,9 +43,8 @@ def main() -> None:
     for name in args.variants:
         rng = np.random.default_rng(0)
         cropped, zooms, cuts, seconds = [], [], [], []
-        for row in table.itertuples(index=False):
+        for row, points in zip(table.itertuples(index=False), landmarks_original_px(table)):
             pixels = np.round(read_image(row.image_path).pixels * 255).astype(np.uint8)
-            points = np.array([getattr(row, column) for column in LANDMARK_COLUMNS], dtype=np.float64).reshape(4, 2)
             image, moved, _, _ = make_variant(name, pixels, points, float(row.pixel_spacing_mm), rng)
             height, width = image.shape
             frame = clamp_brightness(image.astype(np.float32) / 255)
