@@ -328,6 +328,50 @@ def test_stage1_confirms_a_scan_inside_black_margins_only_where_both_passes_find
     assert np.allclose(points[2], large_off)
 
 
+def test_a_flagged_dark_frame_is_measured_again_brightened_and_kept_only_where_stage1_is_as_sure_and_the_score_lower():
+    """Frames 0, 2, 4, 5 are darker than the training split's lower quartile and flagged; frame 1 is flagged, and its
+    scan is bright inside a dark screenshot frame; frame 3 is dark but not flagged, frame 2 was measured upright (skipped).
+    The brightened measurement replaces frame 0's (surer, lower score), not frame 4's (stage 1 less sure) nor frame 5's
+    (a higher score)."""
+    from fetalpipe.data.imaging import TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN, content_median
+    from fetalpipe.measure.review import ReviewRule
+    from fetalpipe.pipeline.infer import LandmarkPredictor
+    from fetalpipe.pipeline.predictions import REVIEW_SIGNAL_COLUMNS
+
+    predictor = _stub_stage1(None)
+    # flagged where log(stage disagreement in mm) − (confidence − 0.9) / 0.1 > 0
+    predictor.review_rule = ReviewRule(signals=("stage_disagreement_mm", "confidence"), mean=(0.0, 0.9), scale=(1.0, 0.1),
+                                       weights=(1.0, -1.0), bias=0.0, threshold=0.0)
+    levels = [0.05, 0.4, 0.05, 0.05, 0.05, 0.05]  # each frame's content median
+    batch = {"original_pixels": np.empty(6, dtype=object), "pixel_spacing_mm": np.full(6, 0.1)}
+    batch["original_pixels"][:] = [np.full((90, 120), level, np.float32) for level in levels]
+    batch["scan_region"] = np.array([(0, 0, 120, 90)] * 6)
+    batch["original_pixels"][1] = np.full((90, 120), 0.05, np.float32)
+    batch["original_pixels"][1][20:70, 30:90] = 0.4  # the scan, in a dark frame
+    batch["scan_region"][1] = (30, 20, 60, 50)
+    first_points = np.stack([_ellipse_endpoints(60, 45, 40, 30)] * 6)
+    points, confidence, scale = first_points.copy(), np.full(6, 0.9), np.ones(6)
+    signals = {name: np.full(6, 0.5) for name in REVIEW_SIGNAL_COLUMNS}
+    signals["stage_disagreement_mm"] = np.array([3.0, 3.0, 3.0, 0.5, 3.0, 3.0])
+    retried_levels = []
+    brightened_points = _ellipse_endpoints(61, 46, 42, 31)
+
+    def measure(images, transforms, originals, candidates, pixel_spacing_mm):
+        retried_levels.extend(content_median(pixels) for pixels in originals)
+        count = len(originals)  # frames 0, 4, 5 in that order
+        retry_signals = {name: np.full(count, 0.5) for name in REVIEW_SIGNAL_COLUMNS}
+        retry_signals["stage_disagreement_mm"] = np.array([0.5, 0.5, 10.0])
+        return np.stack([brightened_points] * count), np.array([0.95, 0.85, 0.95]), np.full(count, 1.01), retry_signals
+
+    predictor.measure = measure
+    replaced = LandmarkPredictor.measure_dark_frames_brightened(predictor, batch, points, confidence, scale, signals, skip=[2])
+    assert replaced == [0]
+    assert retried_levels == pytest.approx([TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN] * 3, abs=0.005)  # brightened to the quartile
+    assert np.allclose(points[0], brightened_points) and confidence[0] == 0.95 and scale[0] == 1.01
+    assert signals["stage_disagreement_mm"][0] == 0.5
+    assert np.allclose(points[1:], first_points[1:]) and confidence[1:].tolist() == [0.9] * 5 and scale[1:].tolist() == [1.0] * 5
+
+
 def test_a_flagged_frame_turned_with_its_scan_is_measured_upright_and_its_points_mapped_back(tmp_path):
     """The shipped model on sample frames turned by 37° in a grown frame, with a review rule that flags every frame (so
     each is measured again upright) and with one that flags none: upright, HC and the head's centre agree with the

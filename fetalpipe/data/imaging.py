@@ -25,6 +25,9 @@ DICOM_MAGIC_OFFSET = 128
 # The training split's darkest scans: the 1st percentile, over its 658 images, of each image's median content pixel
 # (`content_median`), measured by `python studies/content_brightness.py --manifest runs/hc18_train.csv`.
 TRAINING_DARKEST_CONTENT_MEDIAN = 0.059
+# Its lower quartile, from the same measurement (`studies/brightness_clamp.py`'s p25 threshold): a flagged frame darker than
+# this is measured again brightened to it (`LandmarkPredictor.measure_dark_frames_brightened`).
+TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN = 0.125
 BLACK_LEVEL = 5 / 255  # pixels at or below this are the black outside the scan's sector, not content
 # `scan_region`: a frame is cropped to its scan only where its border is not black (inside black margins the crop is a
 # candidate that stage 1 confirms), the scan covers less than this share of it (a screenshot's scan: 45 %) and the rest

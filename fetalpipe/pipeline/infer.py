@@ -331,16 +331,16 @@ class LandmarkPredictor:
         return points_original, confidence, calibration_scale, signals
 
     def measure_tilted_frames_upright(self, batch: dict[str, np.ndarray], points_original: np.ndarray, confidence: np.ndarray,
-                                      calibration_scale: np.ndarray, signals: dict[str, np.ndarray]) -> None:
+                                      calibration_scale: np.ndarray, signals: dict[str, np.ndarray]) -> list[int]:
         """A frame whose measurement the review rule flags, and whose scan is tilted (turned with its frame by a scanner
         or an export tool: `imaging.upright_turn`), is measured again turned upright (stage 1 was trained on upright
         frames). Where stage 1 is about as sure of the head upright (`UPRIGHT_CONFIDENCE_SLACK`), that measurement, its
-        points mapped back to the frame's original pixels, replaces the first (in place)."""
+        points mapped back to the frame's original pixels, replaces the first (in place). Returns the frames replaced."""
         from fetalpipe.data.imaging import upright_turn
         from fetalpipe.pipeline.preprocess import stage1_input
 
         if self.review_rule is None:
-            return
+            return []
         flagged = self.review_rule.flags(pd.DataFrame({**signals, "confidence": confidence}))
         retry, turns = [], []
         for index in np.flatnonzero(flagged & np.isfinite(points_original).all(axis=(1, 2))):
@@ -349,12 +349,13 @@ class LandmarkPredictor:
                 retry.append(index)
                 turns.append(turn)
         if not retry:
-            return
+            return []
         uprights = np.empty(len(retry), dtype=object)
         uprights[:] = [turn.apply(batch["original_pixels"][index]) for turn, index in zip(turns, retry)]
         images, transforms, candidates = zip(*(stage1_input(pixels, self.codec.input_size) for pixels in uprights))
         points_upright, confidence_upright, scale_upright, signals_upright = self.measure(
             np.stack(images), list(transforms), uprights, np.array(candidates), batch["pixel_spacing_mm"][retry])
+        replaced = []
         for row, (index, turn) in enumerate(zip(retry, turns)):
             if not np.isfinite(points_upright[row]).all() or confidence_upright[row] < confidence[index] - UPRIGHT_CONFIDENCE_SLACK:
                 continue  # no head upright, or one stage 1 is less sure of: the first measurement stands
@@ -362,9 +363,47 @@ class LandmarkPredictor:
             confidence[index], calibration_scale[index] = confidence_upright[row], scale_upright[row]
             for name, values in signals_upright.items():
                 signals[name][index] = values[row]
+            replaced.append(index)
         width, height = batch["original_width"][retry], batch["original_height"][retry]
         for name, values in plausibility_signals(points_original[retry], width, height).items():  # the frame's, not the upright one's
             signals[name][retry] = values
+        return replaced
+
+    def measure_dark_frames_brightened(self, batch: dict[str, np.ndarray], points_original: np.ndarray, confidence: np.ndarray,
+                                       calibration_scale: np.ndarray, signals: dict[str, np.ndarray], skip: list[int]) -> list[int]:
+        """A frame that the review rule still flags, and whose scan (inside a screenshot's frame: `scan_region`) is darker
+        than three quarters of the training split (`imaging.TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN`: a low gain, or a dark
+        export), is measured again brightened to that level (`imaging.clamp_brightness`). That measurement replaces the first (in place) where stage 1 is at least
+        as sure of the head and the review score is lower: brightening everything darker than that cost the clean
+        images and the screenshots (docs/experiments.md, robustness). `skip`: frames measured upright, left as they are.
+        Returns the frames replaced."""
+        from fetalpipe.data.imaging import TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN, clamp_brightness, content_median
+        from fetalpipe.pipeline.preprocess import stage1_input
+
+        if self.review_rule is None:
+            return []
+        before = pd.DataFrame({**signals, "confidence": confidence})
+        flagged = self.review_rule.flags(before) & np.isfinite(points_original).all(axis=(1, 2))
+        retry = [index for index in np.flatnonzero(flagged) if index not in skip
+                 and content_median(scan_pixels(batch["original_pixels"][index], batch["scan_region"][index])) < TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN]
+        if not retry:
+            return []
+        brightened = np.empty(len(retry), dtype=object)
+        brightened[:] = [clamp_brightness(batch["original_pixels"][index], TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN) for index in retry]
+        images, transforms, candidates = zip(*(stage1_input(pixels, self.codec.input_size) for pixels in brightened))
+        points_bright, confidence_bright, scale_bright, signals_bright = self.measure(
+            np.stack(images), list(transforms), brightened, np.array(candidates), batch["pixel_spacing_mm"][retry])
+        score_before = self.review_rule.score(before.iloc[retry])
+        score_bright = self.review_rule.score(pd.DataFrame({**signals_bright, "confidence": confidence_bright}))
+        replaced = []
+        for row, index in enumerate(retry):
+            if not (np.isfinite(points_bright[row]).all() and confidence_bright[row] >= confidence[index] and score_bright[row] < score_before[row]):
+                continue
+            points_original[index], confidence[index], calibration_scale[index] = points_bright[row], confidence_bright[row], scale_bright[row]
+            for name, values in signals_bright.items():
+                signals[name][index] = values[row]
+            replaced.append(index)
+        return replaced
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" not in batch:  # decode_in="actors": not decoded upstream
@@ -387,7 +426,8 @@ class LandmarkPredictor:
             for name, values in signals_ok.items():
                 signals[name][ok] = values
             if originals is not None:
-                self.measure_tilted_frames_upright(batch, points_original, confidence, calibration_scale, signals)
+                turned = self.measure_tilted_frames_upright(batch, points_original, confidence, calibration_scale, signals)
+                self.measure_dark_frames_brightened(batch, points_original, confidence, calibration_scale, signals, skip=turned)
         output = {key: value for key, value in batch.items() if key not in ("image", "original_pixels", "scan_region", "scan_candidate")}
         not_found = (batch["status"] == "ok") & np.isnan(points_original).any(axis=(1, 2))
         calibration_scale[not_found] = np.nan
@@ -411,6 +451,12 @@ class LandmarkPredictor:
         write_batch(output, self.predictions_dir)
         return {"rows_written": np.array([count]), "errors": np.array([int((output["status"] == "error").sum())]),
                 "needs_review": np.array([int(np.sum(output["needs_review"]))])}
+
+
+def scan_pixels(pixels: np.ndarray, scan_region) -> np.ndarray:
+    """The part of a frame that stage 1 reads, `scan_region` = (left, top, width, height) in original pixels."""
+    left, top, width, height = (int(value) for value in scan_region)
+    return pixels[top:top + height, left:left + width]
 
 
 def plausibility_signals(points_original_px: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> dict[str, np.ndarray]:
