@@ -373,10 +373,10 @@ class LandmarkPredictor:
                                        calibration_scale: np.ndarray, signals: dict[str, np.ndarray], skip: list[int]) -> list[int]:
         """A frame that the review rule still flags, and whose scan (inside a screenshot's frame: `scan_region`) is darker
         than three quarters of the training split (`imaging.TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN`: a low gain, or a dark
-        export), is measured again brightened to that level (`imaging.clamp_brightness`). That measurement replaces the first (in place) where stage 1 is at least
-        as sure of the head and the review score is lower: brightening everything darker than that cost the clean
-        images and the screenshots (docs/experiments.md, robustness). `skip`: frames measured upright, left as they are.
-        Returns the frames replaced."""
+        export), is measured again brightened to that level (`imaging.clamp_brightness`). That measurement replaces the
+        first (in place) where stage 1 is at least as sure of the head and the review score is lower: kept on either
+        alone, or for every frame that dark, it cost the clean images (docs/experiments.md, robustness). `skip`: frames
+        measured upright, left as they are. Returns the frames replaced."""
         from fetalpipe.data.imaging import TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN, clamp_brightness, content_median
         from fetalpipe.pipeline.preprocess import stage1_input
 
@@ -384,8 +384,11 @@ class LandmarkPredictor:
             return []
         before = pd.DataFrame({**signals, "confidence": confidence})
         flagged = self.review_rule.flags(before) & np.isfinite(points_original).all(axis=(1, 2))
-        retry = [index for index in np.flatnonzero(flagged) if index not in skip
-                 and content_median(scan_pixels(batch["original_pixels"][index], batch["scan_region"][index])) < TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN]
+        def scan_is_dark(index: int) -> bool:
+            scan = scan_pixels(batch["original_pixels"][index], batch["scan_region"][index])
+            return content_median(scan) < TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN
+
+        retry = [index for index in np.flatnonzero(flagged) if index not in skip and scan_is_dark(index)]
         if not retry:
             return []
         brightened = np.empty(len(retry), dtype=object)
@@ -397,8 +400,9 @@ class LandmarkPredictor:
         score_bright = self.review_rule.score(pd.DataFrame({**signals_bright, "confidence": confidence_bright}))
         replaced = []
         for row, index in enumerate(retry):
-            if not (np.isfinite(points_bright[row]).all() and confidence_bright[row] >= confidence[index] and score_bright[row] < score_before[row]):
-                continue
+            surer = confidence_bright[row] >= confidence[index] and score_bright[row] < score_before[row]
+            if not (np.isfinite(points_bright[row]).all() and surer):
+                continue  # no head brightened, or a measurement no more trusted: the first stands
             points_original[index], confidence[index], calibration_scale[index] = points_bright[row], confidence_bright[row], scale_bright[row]
             for name, values in signals_bright.items():
                 signals[name][index] = values[row]
