@@ -328,14 +328,20 @@ def _border_median(image: np.ndarray) -> float:
     return float(np.median(np.concatenate([image[:edge].ravel(), image[-edge:].ravel(), image[:, :edge].ravel(), image[:, -edge:].ravel()])))
 
 
+def region_pixels(pixels: np.ndarray, region) -> np.ndarray:
+    """The REGION (left, top, width, height, original pixels) of a [H, W] image: the part stage 1 reads."""
+    left, top, width, height = (int(value) for value in region)
+    return pixels[top:top + height, left:left + width]
+
+
 def resize_to_model(pixels: np.ndarray, input_size: int, region=None) -> tuple[np.ndarray, ResizeTransform]:
     """Stretch a [H, W] float image, or its REGION (left, top, width, height: the scan, `scan_region`), to
     [input_size, input_size] (the seed's resize; a portrait frame is turned a quarter first, `ResizeTransform.for_image`),
     with its transform."""
     height, width = pixels.shape
     transform = ResizeTransform.for_image(width, height, input_size, region)
-    left, top, width, height = transform.region_box
-    pixels = pixels[top:top + height, left:left + width]
+    width, height = transform.region_box[2:]
+    pixels = region_pixels(pixels, transform.region_box)
     if transform.quarter_turn:
         pixels = cv2.rotate(pixels, cv2.ROTATE_90_CLOCKWISE)
     interpolation = cv2.INTER_AREA if (width > input_size or height > input_size) else cv2.INTER_LINEAR

@@ -330,6 +330,15 @@ class LandmarkPredictor:
         signals.update(plausibility_signals(points_original, sizes[:, 0], sizes[:, 1]))
         return points_original, confidence, calibration_scale, signals
 
+    def measure_frames(self, frames, pixel_spacing_mm: np.ndarray):
+        """`measure` for [H, W] float frames not yet decoded for stage 1 (a frame turned upright, or brightened)."""
+        from fetalpipe.pipeline.preprocess import stage1_input
+
+        originals = np.empty(len(frames), dtype=object)
+        originals[:] = list(frames)
+        images, transforms, candidates = zip(*(stage1_input(pixels, self.codec.input_size) for pixels in originals))
+        return self.measure(np.stack(images), list(transforms), originals, np.array(candidates), pixel_spacing_mm)
+
     def measure_tilted_frames_upright(self, batch: dict[str, np.ndarray], points_original: np.ndarray, confidence: np.ndarray,
                                       calibration_scale: np.ndarray, signals: dict[str, np.ndarray]) -> list[int]:
         """A frame whose measurement the review rule flags, and whose scan is tilted (turned with its frame by a scanner
@@ -337,7 +346,6 @@ class LandmarkPredictor:
         frames). Where stage 1 is about as sure of the head upright (`UPRIGHT_CONFIDENCE_SLACK`), that measurement, its
         points mapped back to the frame's original pixels, replaces the first (in place). Returns the frames replaced."""
         from fetalpipe.data.imaging import upright_turn
-        from fetalpipe.pipeline.preprocess import stage1_input
 
         if self.review_rule is None:
             return []
@@ -350,11 +358,8 @@ class LandmarkPredictor:
                 turns.append(turn)
         if not retry:
             return []
-        uprights = np.empty(len(retry), dtype=object)
-        uprights[:] = [turn.apply(batch["original_pixels"][index]) for turn, index in zip(turns, retry)]
-        images, transforms, candidates = zip(*(stage1_input(pixels, self.codec.input_size) for pixels in uprights))
-        points_upright, confidence_upright, scale_upright, signals_upright = self.measure(
-            np.stack(images), list(transforms), uprights, np.array(candidates), batch["pixel_spacing_mm"][retry])
+        uprights = [turn.apply(batch["original_pixels"][index]) for turn, index in zip(turns, retry)]
+        points_upright, confidence_upright, scale_upright, signals_upright = self.measure_frames(uprights, batch["pixel_spacing_mm"][retry])
         replaced = []
         for row, (index, turn) in enumerate(zip(retry, turns)):
             if not np.isfinite(points_upright[row]).all() or confidence_upright[row] < confidence[index] - UPRIGHT_CONFIDENCE_SLACK:
@@ -377,30 +382,26 @@ class LandmarkPredictor:
         first (in place) where stage 1 is at least as sure of the head and the review score is lower: kept on either
         alone, or for every frame that dark, it cost the clean images (docs/experiments.md, robustness). `skip`: frames
         measured upright, left as they are. Returns the frames replaced."""
-        from fetalpipe.data.imaging import TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN, clamp_brightness, content_median
-        from fetalpipe.pipeline.preprocess import stage1_input
+        from fetalpipe.data.imaging import TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN, clamp_brightness, content_median, region_pixels
 
         if self.review_rule is None:
             return []
-        before = pd.DataFrame({**signals, "confidence": confidence})
-        flagged = self.review_rule.flags(before) & np.isfinite(points_original).all(axis=(1, 2))
+        score_before = self.review_rule.score(pd.DataFrame({**signals, "confidence": confidence}))
+        flagged = (score_before > self.review_rule.threshold) & np.isfinite(points_original).all(axis=(1, 2))
+
         def scan_is_dark(index: int) -> bool:
-            scan = scan_pixels(batch["original_pixels"][index], batch["scan_region"][index])
+            scan = region_pixels(batch["original_pixels"][index], batch["scan_region"][index])
             return content_median(scan) < TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN
 
         retry = [index for index in np.flatnonzero(flagged) if index not in skip and scan_is_dark(index)]
         if not retry:
             return []
-        brightened = np.empty(len(retry), dtype=object)
-        brightened[:] = [clamp_brightness(batch["original_pixels"][index], TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN) for index in retry]
-        images, transforms, candidates = zip(*(stage1_input(pixels, self.codec.input_size) for pixels in brightened))
-        points_bright, confidence_bright, scale_bright, signals_bright = self.measure(
-            np.stack(images), list(transforms), brightened, np.array(candidates), batch["pixel_spacing_mm"][retry])
-        score_before = self.review_rule.score(before.iloc[retry])
+        brightened = [clamp_brightness(batch["original_pixels"][index], TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN) for index in retry]
+        points_bright, confidence_bright, scale_bright, signals_bright = self.measure_frames(brightened, batch["pixel_spacing_mm"][retry])
         score_bright = self.review_rule.score(pd.DataFrame({**signals_bright, "confidence": confidence_bright}))
         replaced = []
         for row, index in enumerate(retry):
-            surer = confidence_bright[row] >= confidence[index] and score_bright[row] < score_before[row]
+            surer = confidence_bright[row] >= confidence[index] and score_bright[row] < score_before[index]
             if not (np.isfinite(points_bright[row]).all() and surer):
                 continue  # no head brightened, or a measurement no more trusted: the first stands
             points_original[index], confidence[index], calibration_scale[index] = points_bright[row], confidence_bright[row], scale_bright[row]
@@ -455,12 +456,6 @@ class LandmarkPredictor:
         write_batch(output, self.predictions_dir)
         return {"rows_written": np.array([count]), "errors": np.array([int((output["status"] == "error").sum())]),
                 "needs_review": np.array([int(np.sum(output["needs_review"]))])}
-
-
-def scan_pixels(pixels: np.ndarray, scan_region) -> np.ndarray:
-    """The part of a frame that stage 1 reads, `scan_region` = (left, top, width, height) in original pixels."""
-    left, top, width, height = (int(value) for value in scan_region)
-    return pixels[top:top + height, left:left + width]
 
 
 def plausibility_signals(points_original_px: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> dict[str, np.ndarray]:
