@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from fetalpipe.model.heatmaps import HeatmapCodec  # noqa: E402
 from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, read_model_header  # noqa: E402
 from fetalpipe.model.networks import MODEL_CONFIGS, HeatmapUNet  # noqa: E402
 from fetalpipe.pipeline.infer import LandmarkPredictor, resolve_precision  # noqa: E402
+from bench_record import provenance  # noqa: E402  (bench/, the script's own folder)
 
 
 def build_archive(hc18_dir: str, copies: int, folder: str) -> str:
@@ -120,7 +120,7 @@ def main() -> None:
     median = lambda values: float(np.median(values))
     headline = args.variants[0]
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        **provenance(),
         "images": len(paths), "repeats": args.repeats,
         "variants": {
             variant: {
