@@ -11,7 +11,9 @@ stage 2 never sees stage 1 in training).
 
     python studies/learning_curve.py --manifest runs/hc18.csv --val-manifest runs/hc18_val.csv --fractions 0.25 0.5 0.75 1 \
         --output runs/learning_curve --json studies/results/learning_curve.json
-    python studies/learning_curve.py --manifest runs/hc18.csv --val-manifest runs/hc18_val.csv --fractions 0.5 --both-stages \
+    python studies/learning_curve.py --manifest runs/hc18.csv --val-manifest runs/hc18_val.csv --fractions 0.5 --draws 2 \
+        --output runs/learning_curve --json studies/results/learning_curve_half_draws.json
+    python studies/learning_curve.py --manifest runs/hc18.csv --val-manifest runs/hc18_val.csv --fractions 0.5 --both-stages --draws 2 \
         --output runs/learning_curve --json studies/results/learning_curve_both_stages.json
 
 A finished fraction is read back, not run again.
@@ -55,9 +57,11 @@ def cut_manifest(table: pd.DataFrame, fraction: float, val_fraction: float) -> p
     return table[is_val | kept].reset_index(drop=True)
 
 
-def run_fraction(table: pd.DataFrame, fraction: float, stage1_model: str | None, val_manifest: str, output: str, val_fraction: float) -> dict:
-    """Train (stage 2 behind STAGE1_MODEL, or both stages where it is None) on the cut, calibrate, infer and evaluate."""
-    run_dir = os.path.join(output, f"fraction_{fraction:g}" if stage1_model else f"both_stages_fraction_{fraction:g}")
+def run_fraction(table: pd.DataFrame, fraction: float, stage1_model: str | None, val_manifest: str, output: str, val_fraction: float,
+                 draw: int = 1) -> dict:
+    """Train (stage 2 behind STAGE1_MODEL, or both stages where it is None) on the cut, calibrate, infer and evaluate.
+    `draw` > 1: another training run of the same cut (no seed is fixed), in a folder of its own."""
+    run_dir = os.path.join(output, (f"fraction_{fraction:g}" if stage1_model else f"both_stages_fraction_{fraction:g}") + (f"_draw{draw}" if draw > 1 else ""))
     metrics_path = os.path.join(run_dir, "val", "report", "metrics.json")
     os.makedirs(run_dir, exist_ok=True)
     manifest = os.path.join(run_dir, "manifest.csv")
@@ -80,7 +84,7 @@ def run_fraction(table: pd.DataFrame, fraction: float, stage1_model: str | None,
     with open(os.path.join(run_dir, "run.json")) as handle:
         wall_seconds = json.load(handle)["wall_seconds"]
     trained = read_model_header(os.path.join(run_dir, "model.pt"))["metrics"]  # the best epochs' in-loop validation, both stages
-    row = {"fraction": fraction, "stage1": stage1_model or "trained on the cut", "training_images": training_rows, "train_and_calibrate_wall_s": wall_seconds,
+    row = {"fraction": fraction, "draw": draw, "stage1": stage1_model or "trained on the cut", "training_images": training_rows, "train_and_calibrate_wall_s": wall_seconds,
            "stage1_alone_val_hc_mae_mm": trained["val_hc_mae_mm"], "refinement_in_loop_val_hc_mae_mm": trained["refinement_val_hc_mae_mm"],
            **{key: metrics[key] for key in METRICS}}
     print(f"fraction {fraction:g} ({training_rows} training images): HC MAE {metrics['hc_ellipse_mae_mm']:.3f} mm", flush=True)
@@ -94,6 +98,7 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--stage1-model", default=SHIPPED_MODEL, help="stage 1 from this file (default: the shipped model)")
     parser.add_argument("--both-stages", action="store_true", help="train stage 1 on the cut too (30 epochs of ellipse_refine's stage 1)")
+    parser.add_argument("--draws", type=int, default=1, help="training runs per fraction (each a new draw)")
     parser.add_argument("--output", required=True)
     parser.add_argument("--json", help="write the rows here, with the commit and the machine")
     args = parser.parse_args()
@@ -101,7 +106,8 @@ def main() -> None:
     table = load_manifest(args.manifest, require_landmarks=True)
     val_fraction = resolve_config("ellipse_refine").val_fraction
     stage1_model = None if args.both_stages else args.stage1_model
-    rows = [run_fraction(table, fraction, stage1_model, args.val_manifest, args.output, val_fraction) for fraction in args.fractions]
+    rows = [run_fraction(table, fraction, stage1_model, args.val_manifest, args.output, val_fraction, draw)
+            for fraction in args.fractions for draw in range(1, args.draws + 1)]
     print(pd.DataFrame(rows).round(3).to_string(index=False))
     if args.json:
         with open(args.json, "w") as handle:
