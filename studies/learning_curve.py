@@ -36,7 +36,7 @@ from bench_record import provenance  # noqa: E402  (the machine, Python and comm
 from fetalpipe.data.manifest import load_manifest
 from fetalpipe.model.config import resolve_config
 from fetalpipe.model.model_file import read_model_header
-from fetalpipe.pipeline.train import is_validation_subject
+from fetalpipe.pipeline.train import is_validation_subject, split_by_subject
 
 SHIPPED_MODEL = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fetalpipe", "assets", "model.pt"))
 METRICS = ("hc_ellipse_mae_mm", "hc_ellipse_mean_diff_mm", "bpd_mae_mm", "ofd_mae_mm", "mre_mm", "sdr_2mm",
@@ -63,12 +63,12 @@ def run_fraction(table: pd.DataFrame, fraction: float, stage1_model: str | None,
     `draw` > 1: another training run of the same cut (no seed is fixed), in a folder of its own."""
     run_dir = os.path.join(output, (f"fraction_{fraction:g}" if stage1_model else f"both_stages_fraction_{fraction:g}") + (f"_draw{draw}" if draw > 1 else ""))
     metrics_path = os.path.join(run_dir, "val", "report", "metrics.json")
-    os.makedirs(run_dir, exist_ok=True)
-    manifest = os.path.join(run_dir, "manifest.csv")
     cut = cut_manifest(table, fraction, val_fraction)
-    cut.to_csv(manifest, index=False)
-    training_rows = int((~cut["subject_id"].astype(str).map(lambda subject: is_validation_subject(subject, val_fraction))).sum())
+    training_rows = len(split_by_subject(cut, val_fraction)[0])
     if not os.path.exists(metrics_path):
+        os.makedirs(run_dir, exist_ok=True)
+        manifest = os.path.join(run_dir, "manifest.csv")
+        cut.to_csv(manifest, index=False)
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         trained_refinement = os.path.join(output, f"fraction_{fraction:g}", "refinement")
         if stage1_model is None and os.path.isdir(trained_refinement) and not os.path.exists(os.path.join(run_dir, "refinement")):

@@ -59,7 +59,7 @@ def pseudo_labelled_rows(predictions: pd.DataFrame, val_fraction: float, keep_fl
 def combine(stage1_model: str, refinement_model: str, output: str) -> None:
     """A model file with STAGE1_MODEL's stage 1 and REFINEMENT_MODEL's refinement stage, uncalibrated (both trained with
     the same `ellipse_refine` refinement settings)."""
-    from fetalpipe.model.model_file import load_model, save_model
+    from fetalpipe.model.model_file import load_model, refinement_entries, save_model
 
     _, config, payload = load_model(stage1_model)
     _, refinement_config, refinement_payload = load_model(refinement_model)
@@ -68,7 +68,7 @@ def combine(stage1_model: str, refinement_model: str, output: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     save_model(output, payload["state_dict"], config, metrics=payload.get("metrics"),
                training={**payload.get("training", {}), "refinement_from": refinement_model},
-               refinement_state_dict=refinement_payload["refinement_state_dict"])
+               **refinement_entries(refinement_payload))
 
 
 def main() -> None:
