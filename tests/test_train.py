@@ -112,6 +112,28 @@ def test_losses_are_zero_for_a_perfect_map_and_grow_with_error():
         assert perfect < 1e-3 < half < wrong, kind
 
 
+def test_mm_per_map_pixel_weighting_weighs_each_image_by_the_mm_its_map_pixels_cover():
+    import numpy as np
+    import torch
+
+    from fetalpipe.pipeline.train import heatmap_loss, image_loss_weights
+
+    batch = {"pixel_spacing_mm": np.array([0.1, 0.3, np.nan]), "scan_region": np.array([[0, 0, 800, 540]] * 3)}
+    assert image_loss_weights(batch, "uniform", 128) is None
+    weights = image_loss_weights(batch, "mm_per_map_pixel", 128)
+    assert weights.tolist() == pytest.approx([0.5, 1.5, 1.0])  # no spacing: the batch's mean; mean 1 over the batch
+    target = torch.zeros(3, 1, 16, 16)
+    target[:, :, 4:12, 4:12] = 1.0
+    predicted = target.clone()
+    predicted[1] = 0.5  # only the coarse-pixel image is wrong: the weighted loss counts it 1.5 times
+    uniform = heatmap_loss(predicted, target, "bce", 10.0).item()
+    assert heatmap_loss(predicted, target, "bce", 10.0, weights).item() == pytest.approx(1.5 * uniform, rel=1e-4)
+    with pytest.raises(ValueError, match="loss weighting"):
+        from fetalpipe.model.config import resolve_config
+
+        resolve_config("ellipse_deep", {"loss_weighting": "by_size"})
+
+
 def test_polar_loss_integral_terms_are_zero_on_target_and_count_a_whole_outline_shift_in_columns():
     import numpy as np
     import torch

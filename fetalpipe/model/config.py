@@ -27,6 +27,7 @@ def _model_and_fields(config_class, values: dict, what: str) -> tuple[dict, dict
 
 
 POLAR_LOSSES = ("cross_entropy", "cross_entropy_integral")
+LOSS_WEIGHTINGS = ("uniform", "mm_per_map_pixel")  # TrainConfig.loss_weighting
 
 
 def _check_preset(name: str, presets, what: str) -> None:
@@ -88,6 +89,8 @@ class TrainConfig:
     lr_schedule: str = "constant"  # or "cosine"
     loss: str = "mse"  # or "weighted_mse" (foreground pixels weigh more), "bce" or "bce_dice" (for the ellipse map)
     foreground_weight: float = 10.0
+    # "uniform", or "mm_per_map_pixel": each image's loss weighted by the mm one map pixel covers in it (`train.image_loss_weights`)
+    loss_weighting: str = "uniform"
     augment: bool = False
     augmentation: str = "standard"  # with augment: a name in `augment.AUGMENT_PRESETS` ("standard": HC18-like frames)
     bf16: bool = False
@@ -98,6 +101,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_preset(self.augmentation, AUGMENT_PRESETS, "augmentation")
+        _check_preset(self.loss_weighting, LOSS_WEIGHTINGS, "loss weighting")
 
     def codec(self) -> HeatmapCodec:
         return HeatmapCodec(

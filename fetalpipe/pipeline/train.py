@@ -34,23 +34,43 @@ def split_by_subject(table: pd.DataFrame, val_fraction: float) -> tuple[pd.DataF
     return table[~is_val].reset_index(drop=True), table[is_val].reset_index(drop=True)
 
 
-def heatmap_loss(predicted, target, kind: str, foreground_weight: float):
+def heatmap_loss(predicted, target, kind: str, foreground_weight: float, image_weights=None):
+    """The batch's loss: each image's mean over its map, averaged over the images with `image_weights` ([B], mean 1;
+    None: all equal, `image_loss_weights`)."""
     import torch
 
     squared = (predicted.float() - target) ** 2
     if kind == "mse":
-        return squared.mean()
-    if kind == "weighted_mse":
-        return (squared * (1.0 + foreground_weight * target)).mean()
-    if kind in ("bce", "bce_dice"):  # for the filled-ellipse map, a segmentation target
-        bce = torch.nn.functional.binary_cross_entropy(predicted.float().clamp(1e-6, 1 - 1e-6), target)
-        if kind == "bce":
-            return bce
-        # Soft Dice per image: weighs a whole head equally whatever its size (late-pregnancy heads fill the frame).
-        overlap = (predicted.float() * target).flatten(1).sum(1)
-        dice = (2 * overlap + 1) / (predicted.float().flatten(1).sum(1) + target.flatten(1).sum(1) + 1)
-        return bce + (1 - dice).mean()
-    raise ValueError(f"unknown loss {kind!r}")
+        per_image = squared.flatten(1).mean(1)
+    elif kind == "weighted_mse":
+        per_image = (squared * (1.0 + foreground_weight * target)).flatten(1).mean(1)
+    elif kind in ("bce", "bce_dice"):  # for the filled-ellipse map, a segmentation target
+        bce = torch.nn.functional.binary_cross_entropy(predicted.float().clamp(1e-6, 1 - 1e-6), target, reduction="none")
+        per_image = bce.flatten(1).mean(1)
+        if kind == "bce_dice":
+            # Soft Dice per image: weighs a whole head equally whatever its size (late-pregnancy heads fill the frame).
+            overlap = (predicted.float() * target).flatten(1).sum(1)
+            dice = (2 * overlap + 1) / (predicted.float().flatten(1).sum(1) + target.flatten(1).sum(1) + 1)
+            per_image = per_image + (1 - dice)
+    else:
+        raise ValueError(f"unknown loss {kind!r}")
+    return per_image.mean() if image_weights is None else (per_image * image_weights).mean()
+
+
+def image_loss_weights(batch, weighting: str, heatmap_size: int):
+    """Per-image loss weights ([B] float32 tensor, mean 1 in the batch) for `TrainConfig.loss_weighting`; None for
+    "uniform". "mm_per_map_pixel": an outline one map pixel off costs HC in proportion to the mm that pixel covers
+    (0.3-2.5 mm on the training split, most in late pregnancy), so each image weighs what its errors cost in mm."""
+    import torch
+
+    if weighting == "uniform":
+        return None
+    mm_per_map_pixel = torch.as_tensor(batch["pixel_spacing_mm"], dtype=torch.float32) * torch.as_tensor(batch["scan_region"], dtype=torch.float32)[:, 2] / heatmap_size
+    known = torch.isfinite(mm_per_map_pixel)
+    if not known.any():
+        return None
+    mm_per_map_pixel = torch.where(known, mm_per_map_pixel, mm_per_map_pixel[known].mean())  # no spacing: the batch's mean
+    return mm_per_map_pixel / mm_per_map_pixel.mean()
 
 
 def _lr_factor(schedule: str, epoch: int, epochs: int) -> float:
@@ -98,7 +118,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             images = batch["image"].float().contiguous(memory_format=memory_format)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
                 predicted = model(images)
-            return heatmap_loss(predicted, batch["heatmaps"].float(), config.loss, config.foreground_weight), len(images)
+            weights = image_loss_weights(batch, config.loss_weighting, codec.heatmap_size)
+            return heatmap_loss(predicted, batch["heatmaps"].float(), config.loss, config.foreground_weight, weights), len(images)
 
         loss_sum, seen = _train_one_epoch(model, optimizer, train_shard, config.batch_size, batch_loss)
         train_seconds = time.perf_counter() - started
