@@ -57,12 +57,16 @@ def pseudo_labelled_rows(predictions: pd.DataFrame, val_fraction: float, keep_fl
 
 
 def combine(stage1_model: str, refinement_model: str, output: str) -> None:
-    """A model file with STAGE1_MODEL's stage 1 and REFINEMENT_MODEL's refinement stage, uncalibrated (both trained with
-    the same `ellipse_refine` refinement settings)."""
+    """A model file with STAGE1_MODEL's stage 1 and REFINEMENT_MODEL's refinement stage, uncalibrated. STAGE1_MODEL was
+    trained with the same refinement settings (`ellipse_refine`), or as stage 1 alone: then it takes REFINEMENT_MODEL's."""
+    import dataclasses
+
     from fetalpipe.model.model_file import load_model, refinement_entries, save_model
 
     _, config, payload = load_model(stage1_model)
     _, refinement_config, refinement_payload = load_model(refinement_model)
+    if config.refinement is None:
+        config = dataclasses.replace(config, refinement=refinement_config.refinement)
     if config.refinement != refinement_config.refinement:
         raise ValueError(f"{refinement_model}: its refinement stage's settings differ from {stage1_model}'s")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
