@@ -60,7 +60,8 @@ def heatmap_loss(predicted, target, kind: str, foreground_weight: float, image_w
 def image_loss_weights(batch, weighting: str, heatmap_size: int):
     """Per-image loss weights ([B] float32 tensor, mean 1 in the batch) for `TrainConfig.loss_weighting`; None for
     "uniform". "mm_per_map_pixel": an outline one map pixel off costs HC in proportion to the mm that pixel covers
-    (0.3–2.5 mm on the training split, most in late pregnancy), so each image weighs what its errors cost in mm."""
+    (0.3–2.5 mm on the training split, most in late pregnancy), so each image weighs what its errors cost in mm. The
+    training loss only: the validation loss stays unweighted, comparable between recipes."""
     import torch
 
     if weighting == "uniform":
