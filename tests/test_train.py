@@ -98,6 +98,26 @@ def test_changed_config_on_existing_run_dir_is_refused(ray_local, tiny_config, t
         run_training(SAMPLE_MANIFEST, str(run_dir), tiny_config, workers=1)
 
 
+def test_a_run_folder_from_before_a_config_field_existed_still_resumes(tmp_path):
+    import json
+
+    from fetalpipe.model.config import resolve_config
+    from fetalpipe.pipeline.train import _write_or_check_config
+
+    config = resolve_config("ellipse_refine")
+    stored = config.to_dict()
+    del stored["loss_weighting"]  # written by a version without the field: its default is what the run used
+    (tmp_path / "train_config.json").write_text(json.dumps(stored))
+    _write_or_check_config(str(tmp_path), config)
+    assert json.loads((tmp_path / "train_config.json").read_text())["loss_weighting"] == "uniform"
+    with pytest.raises(ValueError, match="different configuration"):
+        _write_or_check_config(str(tmp_path), resolve_config("ellipse_refine", {"loss_weighting": "mm_per_map_pixel"}))
+    stored["no_such_field"] = 1
+    (tmp_path / "train_config.json").write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match="different configuration"):
+        _write_or_check_config(str(tmp_path), config)
+
+
 def test_losses_are_zero_for_a_perfect_map_and_grow_with_error():
     import torch
 
