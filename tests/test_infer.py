@@ -40,7 +40,8 @@ def archive(tmp_path):
         target = folder / f"scan {row.subject_id} é.png"  # spaces and non-ASCII in names
         shutil.copy(os.path.join(SAMPLE_DIR, row.image_path), target)
         rows.append({"image_path": target.name, "subject_id": row.subject_id, "pixel_spacing_mm": row.pixel_spacing_mm,
-                     "gestational_age_weeks": 20.0 + row.Index if row.Index < 3 else np.nan})  # one without a known GA
+                     "gestational_age_weeks": 20.0 + row.Index if row.Index < 3 else np.nan,  # one without a known GA
+                     "sonographer": "K. Osei" if row.Index != 1 else np.nan})  # a column of the user's own, with a blank cell
     real = cv2.imread(os.path.join(SAMPLE_DIR, sample.image_path[0]), cv2.IMREAD_GRAYSCALE)
     (folder / "scan.dcm").write_bytes(make_dicom(real.astype(np.uint16), spacing=0.2))
     rows.append({"image_path": "scan.dcm", "subject_id": "dicom", "pixel_spacing_mm": np.nan})
@@ -101,6 +102,7 @@ def test_contract_errors_resume_and_idempotency(ray_local, tiny_model_path, arch
     np.testing.assert_allclose(ok["ga_from_hc_weeks"], ga_from_hc_weeks(ok["hc_ellipse_mm"].to_numpy()), equal_nan=True)
     np.testing.assert_allclose(ok["hc_z_intergrowth21"], hc_z_intergrowth21(ok["hc_ellipse_mm"].to_numpy(), ok["gestational_age_weeks"].to_numpy()), equal_nan=True)
     assert ok["gestational_age_weeks"].notna().sum() == 3 and ok.loc[ok["gestational_age_weeks"].isna(), "hc_z_intergrowth21"].isna().all()
+    assert (csv["sonographer"] == "K. Osei").sum() == 3 and csv["sonographer"].isna().sum() == 7  # carried through, blanks blank
     dicom = by_name.loc["scan.dcm"]
     assert dicom["pixel_spacing_mm"] == pytest.approx(0.2)  # read from the file
     assert dicom["hc_mm"] == pytest.approx(dicom["hc_px"] * 0.2)

@@ -632,7 +632,8 @@ def input_dataset(pending: pd.DataFrame, options: InferOptions, run_id: str):
     if "pixel_spacing_mm" not in table:
         table["pixel_spacing_mm"] = np.nan
     carried = [c for c in table.columns if c not in ("image_path", *NUMERIC_MANIFEST_COLUMNS)]
-    table[carried] = table[carried].astype(str)
+    # Text, a blank cell an empty string: pandas keeps NaN through astype(str), and one float in a text column stops the Parquet write.
+    table[carried] = table[carried].astype(str).mask(table[carried].isna(), "")
     table["run_id"] = run_id
     table["run_sequence"] = int(time.time() * 1000)
     table["row_index"] = np.arange(len(table))  # names each batch's file
