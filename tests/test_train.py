@@ -3,6 +3,7 @@
 import os
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -256,3 +257,52 @@ def test_refinement_stage_trains_after_a_given_stage1_and_both_run_in_inference(
     for column in ("stage_disagreement_mm", "outline_fit_residual_mm", "outline_spread_mm"):  # stage 2 ran on every image
         assert predictions[column].notna().all()
     assert (predictions["needs_review"] == False).all() and predictions["review_reason"].isna().all()  # no rule before calibrate  # noqa: E712
+
+
+def _polar_batch(stored_prior_px: np.ndarray) -> dict:
+    """One 120 x 160 image whose reference head is centred at (80, 60), with a stored stage-1 prior's endpoints."""
+    from fetalpipe import LANDMARK_COLUMNS
+    from fetalpipe.data.manifest import STAGE1_PRIOR_COLUMNS
+    from fetalpipe.measure import ellipse as ellipse_geometry
+
+    reference_px = ellipse_geometry.to_endpoints(np.array([80.0, 60.0, 40.0, 30.0, 0.3]))
+    batch = {"image_path": np.array(["a.png"], dtype=object), "original_height": np.array([120]), "original_width": np.array([160]),
+             "original_pixels": np.array([np.full((120, 160), 90, np.uint8).tobytes()], dtype=object)}
+    batch.update({column: np.array([value]) for column, value in zip(LANDMARK_COLUMNS, reference_px.ravel())})
+    batch.update({column: np.array([value]) for column, value in zip(STAGE1_PRIOR_COLUMNS, np.asarray(stored_prior_px, float).ravel())})
+    return batch
+
+
+def test_stored_stage1_priors_replace_the_jittered_reference_in_their_share_of_refinement_crops():
+    """With `stage1_prior_share` 1 the crop follows the stored stage-1 prior (moved a little), mirrored with the image;
+    a row without one, or a share of 0, jitters the reference as before."""
+    from fetalpipe.data.augment import AcquisitionAugmentConfig
+    from fetalpipe.measure import ellipse as ellipse_geometry
+    from fetalpipe.model.config import RefinementConfig
+    from fetalpipe.pipeline.preprocess import encode_polar_batch
+
+    codec = RefinementConfig().codec()
+    stored = ellipse_geometry.to_endpoints(np.array([95.0, 50.0, 44.0, 27.0, 0.5]))  # 18 px off the reference's centre
+    for seed in range(5):
+        prior = encode_polar_batch(_polar_batch(stored), codec, None, jitter_scale=1.0, seed=seed, stage1_prior_share=1.0)["prior"][0]
+        assert np.hypot(prior[0] - 95, prior[1] - 50) < 3 and abs(prior[2] / 44 - 1) < 0.1
+        jittered = encode_polar_batch(_polar_batch(stored), codec, None, jitter_scale=1.0, seed=seed)["prior"][0]
+        assert np.hypot(jittered[0] - 80, jittered[1] - 60) < 10
+        without = encode_polar_batch(_polar_batch(np.full((4, 2), np.nan)), codec, None, jitter_scale=1.0, seed=seed, stage1_prior_share=1.0)["prior"][0]
+        assert np.hypot(without[0] - 80, without[1] - 60) < 10
+    mirrored = AcquisitionAugmentConfig(flip_probability=1.0, resample_probability=0, jpeg_probability=0, speckle_probability=0, noise_probability=0)
+    output = encode_polar_batch(_polar_batch(stored), codec, mirrored, jitter_scale=1.0, seed=0, stage1_prior_share=1.0)
+    assert np.hypot(output["prior"][0, 0] - (159 - 95), output["prior"][0, 1] - 50) < 3
+    assert abs(output["reference"][0, 0] - (159 - 80)) < 1e-6
+
+
+def test_a_stage1_prior_share_without_stored_priors_is_refused_before_training(sample_manifest_copy):
+    from fetalpipe.data.manifest import load_manifest
+    from fetalpipe.model.config import RefinementConfig
+    from fetalpipe.pipeline.train import build_refinement_datasets, split_by_subject
+
+    train_table, val_table = split_by_subject(load_manifest(str(sample_manifest_copy), require_landmarks=True), 0.15)
+    with pytest.raises(ValueError, match="stage1_prior_share = 0.5 needs stored stage-1 priors.*stage1_prior_ofd1_x"):
+        build_refinement_datasets(train_table, val_table, RefinementConfig(stage1_prior_share=0.5))
+    with pytest.raises(ValueError, match="must lie in"):
+        RefinementConfig(stage1_prior_share=1.5)

@@ -3,6 +3,8 @@
 Columns: ``image_path`` (absolute, or relative to the manifest's folder), optional ``subject_id``,
 optional ``pixel_spacing_mm``, optional ``gestational_age_weeks`` (decimal weeks) or ``gestational_age_days``
 (clinical context: `fetalpipe.measure.clinical`), and for training ``ofd1_x … bpd2_y`` in original image pixels.
+For the refinement stage's training, optional ``stage1_prior_ofd1_x … stage1_prior_bpd2_y``: a stage-1 ellipse's
+endpoints for the image, in original pixels (`STAGE1_PRIOR_COLUMNS`; NaN where there is none).
 Any other column is carried through to the outputs untouched.
 """
 
@@ -14,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from fetalpipe import LANDMARK_COLUMNS
+
+STAGE1_PRIOR_COLUMNS = tuple(f"stage1_prior_{column}" for column in LANDMARK_COLUMNS)
 
 # A seed-style landmark CSV (image file + 4 points) maps onto manifest columns like this.
 SEED_COLUMN_MAPPING = {

@@ -50,6 +50,9 @@ class RefinementConfig:
     sigma_bins: float = 1.5
     jitter_scale: float = 1.0  # 1: stage 1's error size (`polar.jitter`)
     axis_jitter_scale: float = 1.0  # the axes' jitter alone, relative to jitter_scale (> 1: trust the prior's size less)
+    # The share of training crops taken around the manifest's stored stage-1 prior (`manifest.STAGE1_PRIOR_COLUMNS`, e.g.
+    # a stage 1 trained on other images: studies/out_of_fold_priors.py) instead of a jittered reference: stage 1's own errors.
+    stage1_prior_share: float = 0.0
     epochs: int = 40
     batch_size: int = 16
     lr: float = 2e-3
@@ -60,6 +63,8 @@ class RefinementConfig:
     def __post_init__(self):
         _check_preset(self.augmentation, REFINEMENT_AUGMENT_PRESETS, "refinement augmentation")
         _check_preset(self.loss, POLAR_LOSSES, "refinement loss")
+        if not 0.0 <= self.stage1_prior_share <= 1.0:
+            raise ValueError(f"refinement.stage1_prior_share must lie in [0, 1]; got {self.stage1_prior_share}")
 
     def codec(self) -> PolarCodec:
         return PolarCodec(angles=self.angles, radii=self.radii, radius_range=tuple(self.radius_range), wrap_rows=self.wrap_rows,

@@ -14,6 +14,7 @@ import numpy as np
 from fetalpipe import LANDMARK_COLUMNS
 from fetalpipe.data.augment import AcquisitionAugmentConfig, AugmentConfig, degrade_acquisition, degrade_intensity, random_affine, random_intensity, random_screenshot
 from fetalpipe.data.imaging import ImageDecodeError, ResizeTransform, clamp_brightness, decode_image, has_black_margins, read_bytes, resize_to_model, scan_region
+from fetalpipe.data.manifest import STAGE1_PRIOR_COLUMNS
 from fetalpipe.measure import ellipse as ellipse_geometry
 from fetalpipe.model.heatmaps import HeatmapCodec
 from fetalpipe.model.polar import PolarCodec, jitter
@@ -138,13 +139,21 @@ def decode_original_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     return {**batch, "original_pixels": pixels, "original_height": heights, "original_width": widths, "status": statuses, "error": errors}
 
 
+# A stored stage-1 prior is moved this much (`polar.jitter`'s scale) each time it is used, so that its crops differ by epoch.
+STORED_PRIOR_JITTER_SCALE = 0.25
+
+
 def encode_polar_batch(batch: dict[str, np.ndarray], codec: PolarCodec, augment: AcquisitionAugmentConfig | None, jitter_scale: float,
-                       seed: int | None = None, axis_jitter_scale: float = 1.0) -> dict[str, np.ndarray]:
+                       seed: int | None = None, axis_jitter_scale: float = 1.0, stage1_prior_share: float = 0.0) -> dict[str, np.ndarray]:
     """Refinement training pairs: around each reference ellipse a jittered prior (as wrong as stage 1 can be), the
     polar crop of the original image about it, and the target. ``image`` float32 [B, 1, rows, columns],
     ``target`` float32 [B, rows, columns]; ``prior`` and ``reference`` [B, 5] ellipses in original pixels.
-    `seed` fixes the jitter per row (validation sees the same priors every epoch)."""
+    `seed` fixes the jitter per row (validation sees the same priors every epoch). With `stage1_prior_share` > 0, that
+    share of the rows that have a stored stage-1 prior (``stage1_prior_*`` columns, original pixels) are cropped
+    around it instead: stage 1's own errors, which are not random but sit where the image misleads."""
     count = len(batch["image_path"])
+    stored_priors_px = (np.stack([np.asarray(batch[column], dtype=np.float64) for column in STAGE1_PRIOR_COLUMNS], axis=1).reshape(count, 4, 2)
+                        if stage1_prior_share > 0 else np.full((count, 4, 2), np.nan))
     rows, columns = codec.input_shape
     images = np.zeros((count, 1, rows, columns), np.float32)
     targets = np.zeros((count, rows, columns), np.float32)
@@ -154,12 +163,17 @@ def encode_polar_batch(batch: dict[str, np.ndarray], codec: PolarCodec, augment:
         height, width = int(batch["original_height"][index]), int(batch["original_width"][index])
         pixels = np.frombuffer(batch["original_pixels"][index], dtype=np.uint8).reshape(height, width)
         points = np.array([batch[column][index] for column in LANDMARK_COLUMNS], dtype=np.float64).reshape(4, 2)
+        stored_prior_px = stored_priors_px[index]
         if augment is not None:
             if rng.random() < augment.flip_probability:
                 pixels, points = pixels[:, ::-1], points * [-1, 1] + [width - 1, 0]
+                stored_prior_px = stored_prior_px * [-1, 1] + [width - 1, 0]
             pixels = degrade_acquisition(np.ascontiguousarray(pixels), augment, rng)
         references[index] = ellipse_geometry.from_endpoints(points)
-        priors[index] = jitter(references[index], rng, jitter_scale, axis_jitter_scale)
+        if stage1_prior_share > 0 and np.isfinite(stored_prior_px).all() and rng.random() < stage1_prior_share:
+            priors[index] = jitter(ellipse_geometry.from_endpoints(stored_prior_px), rng, STORED_PRIOR_JITTER_SCALE)
+        else:
+            priors[index] = jitter(references[index], rng, jitter_scale, axis_jitter_scale)
         crop = codec.crop(pixels, priors[index])
         images[index, 0] = degrade_intensity(crop, augment, rng) if augment is not None else crop
         targets[index] = codec.encode(priors[index], references[index])

@@ -394,14 +394,15 @@ def build_refinement_datasets(train_table: pd.DataFrame, val_table: pd.DataFrame
     import ray.data
 
     from fetalpipe import LANDMARK_COLUMNS
+    from fetalpipe.data.manifest import STAGE1_PRIOR_COLUMNS
     from fetalpipe.pipeline.preprocess import decode_original_batch, encode_polar_batch
 
     codec = refinement.codec()
     skipped = []
 
-    def prepared(part: pd.DataFrame, augment: AcquisitionAugmentConfig | None, seed: int | None):
+    def prepared(part: pd.DataFrame, augment: AcquisitionAugmentConfig | None, seed: int | None, stage1_prior_share: float = 0.0):
         part = part.assign(**{c: part[c] if c in part.columns else np.nan for c in ("pixel_spacing_mm", "hc_mm")})
-        part = part[["image_path", *LANDMARK_COLUMNS, "pixel_spacing_mm", "hc_mm"]]
+        part = part[["image_path", *LANDMARK_COLUMNS, "pixel_spacing_mm", "hc_mm", *(STAGE1_PRIOR_COLUMNS if stage1_prior_share > 0 else ())]]
         rows_per_block = int(np.ceil(len(part) / blocks))
         dataset = ray.data.from_pandas([part.iloc[start:start + rows_per_block] for start in range(0, len(part), rows_per_block)])
         decoded = dataset.map_batches(decode_original_batch, batch_format="numpy", batch_size=16).materialize()
@@ -410,11 +411,17 @@ def build_refinement_datasets(train_table: pd.DataFrame, val_table: pd.DataFrame
         decoded = decoded.map_batches(_rows_with_status, fn_kwargs={"ok": True}, batch_format="numpy").materialize()
         return decoded.map_batches(
             functools.partial(encode_polar_batch, codec=codec, augment=augment, jitter_scale=refinement.jitter_scale, seed=seed,
-                              axis_jitter_scale=refinement.axis_jitter_scale),
+                              axis_jitter_scale=refinement.axis_jitter_scale, stage1_prior_share=stage1_prior_share),
             batch_format="numpy", batch_size=refinement.batch_size, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2),
         )
 
-    train_ds = prepared(train_table, REFINEMENT_AUGMENT_PRESETS[refinement.augmentation] if refinement.augment else None, None)
+    if refinement.stage1_prior_share > 0:
+        missing = [column for column in STAGE1_PRIOR_COLUMNS if column not in train_table.columns]
+        if missing:
+            raise ValueError(f"refinement.stage1_prior_share = {refinement.stage1_prior_share} needs stored stage-1 priors in the manifest; "
+                             f"missing columns: {', '.join(missing)} (studies/out_of_fold_priors.py writes them)")
+    augment = REFINEMENT_AUGMENT_PRESETS[refinement.augmentation] if refinement.augment else None
+    train_ds = prepared(train_table, augment, None, refinement.stage1_prior_share)
     val_ds = prepared(val_table, None, seed=0).materialize()  # the same priors every epoch
     return train_ds, val_ds, pd.concat(skipped, ignore_index=True)
 
