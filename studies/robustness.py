@@ -8,7 +8,11 @@ greyscale bar and margins; the frame dark grey, or black like the scan's own mar
 speckle and noise, brighter and darker gain and gamma, JPEG at quality 30, and half and double resolution.
 Each goes through `fetalpipe infer` and `fetalpipe evaluate` in one Ray session. The goal: HC MAE within +0.3 mm of
 the clean images, and no head lost. Prints the table and writes studies/results/robustness.json (or --results),
-including the review flag's catch on every variant (`docs/experiments.md`)."""
+including the review flag's catch on every variant and over all of them (`docs/experiments.md`).
+
+    python studies/robustness.py --summarize studies/results/robustness.json runs/robust_r26.json
+
+prints those totals for results files already written, side by side (comparing models)."""
 
 from __future__ import annotations
 
@@ -102,14 +106,49 @@ def build_variant(name: str, table: pd.DataFrame, folder: str) -> str:
     return manifest
 
 
+def totals(results: dict[str, dict]) -> dict:
+    """All sets together: the mean of the variants' HC MAEs and the sum of their excesses over the clean images, and the
+    review flag over every set's images, the clean ones included (as `review_curve.py` pools them): the share flagged,
+    the images above 5 mm, and how many of those it flags."""
+    variants = {name: result for name, result in results.items() if name != "clean"}
+    images = sum(result["images"] for result in results.values())
+    large = sum(result["hc_ellipse_images_over_5mm"] for result in results.values())
+    caught = sum(round(result.get("flagged_of_images_over_5mm", 0) * result["hc_ellipse_images_over_5mm"]) for result in results.values())
+    clean = results.get("clean", {}).get("hc_ellipse_mae_mm")
+    return {"variants": len(variants), "clean_hc_mae_mm": clean,
+            "mean_hc_mae_mm": float(np.mean([result["hc_ellipse_mae_mm"] for result in variants.values()])),
+            "sum_of_excess_over_clean_mm": None if clean is None else float(sum(result["hc_ellipse_mae_mm"] - clean for result in variants.values())),
+            "flagged_fraction": sum(result.get("flagged_fraction", 0) * result["images"] for result in results.values()) / images,
+            "images_over_5mm": large, "flagged_of_images_over_5mm": caught}
+
+
+def print_totals(named_totals: dict[str, dict]) -> None:
+    print("\n| results | clean HC MAE (mm) | variants' mean HC MAE (mm) | sum of excesses over clean (mm) | flagged | images > 5 mm, flagged |")
+    print("|---|---|---|---|---|---|")
+    for name, total in named_totals.items():
+        excess = total["sum_of_excess_over_clean_mm"]
+        print(f"| {name} | {total['clean_hc_mae_mm']:.2f} | {total['mean_hc_mae_mm']:.2f} | {'—' if excess is None else f'{excess:+.2f}'} | "
+              f"{100 * total['flagged_fraction']:.1f} % | {total['images_over_5mm']}, {total['flagged_of_images_over_5mm']} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--manifest", required=True, help="the validation manifest (e.g. runs/hc18_val.csv)")
+    parser.add_argument("--manifest", help="the validation manifest (e.g. runs/hc18_val.csv)")
     parser.add_argument("--model", help="model file (default: the shipped model)")
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "robustness.json"))
+    parser.add_argument("--summarize", nargs="+", metavar="RESULTS", help="print the totals of results files already written, and stop")
     args = parser.parse_args()
+    if args.summarize:
+        named = {}
+        for path in args.summarize:
+            with open(path) as handle:
+                named[path] = totals(json.load(handle)["variants"])
+        print_totals(named)
+        return
+    if not args.manifest or not args.output:
+        parser.error("--manifest and --output are required (or --summarize)")
 
     from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, file_sha256
     from fetalpipe.pipeline.evaluate import evaluate_predictions
@@ -135,10 +174,11 @@ def main() -> None:
         print(f"| {name} | {result['images']} | {result['images'] - result['heads_found']} | {result['hc_ellipse_mae_mm']:.2f} | {delta} | "
               f"{result['hc_ellipse_images_over_5mm']} | {100 * result.get('flagged_fraction', 0):.1f} % | "
               f"{'—' if caught is None else f'{100 * caught:.0f} %'} |")
+    print_totals({model_path: totals(results)})
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
     with open(args.results, "w") as handle:
         json.dump({"command": " ".join(sys.argv), "model": model_path, "model_sha256": file_sha256(model_path), "fetalpipe": __version__,
-                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "variants": results}, handle, indent=2, default=float)
+                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "variants": results, "totals": totals(results)}, handle, indent=2, default=float)
 
 
 if __name__ == "__main__":
