@@ -296,13 +296,15 @@ def test_stored_stage1_priors_replace_the_jittered_reference_in_their_share_of_r
     assert abs(output["reference"][0, 0] - (159 - 80)) < 1e-6
 
 
-def test_a_stage1_prior_share_without_stored_priors_is_refused_before_training(sample_manifest_copy):
-    from fetalpipe.data.manifest import load_manifest
-    from fetalpipe.model.config import RefinementConfig
-    from fetalpipe.pipeline.train import build_refinement_datasets, split_by_subject
+def test_a_stage1_prior_share_without_stored_priors_is_refused_before_training(sample_manifest_copy, tmp_path):
+    """Refused when the run starts (no Ray, no stage-1 epochs first)."""
+    import dataclasses
 
-    train_table, val_table = split_by_subject(load_manifest(str(sample_manifest_copy), require_landmarks=True), 0.15)
+    from fetalpipe.model.config import RefinementConfig
+
+    config = dataclasses.replace(resolve_config("ellipse_refine"), refinement=RefinementConfig(stage1_prior_share=0.5))
     with pytest.raises(ValueError, match="stage1_prior_share = 0.5 needs stored stage-1 priors.*stage1_prior_ofd1_x"):
-        build_refinement_datasets(train_table, val_table, RefinementConfig(stage1_prior_share=0.5))
+        run_training(str(sample_manifest_copy), str(tmp_path / "run"), config)
+    assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="must lie in"):
         RefinementConfig(stage1_prior_share=1.5)

@@ -415,11 +415,6 @@ def build_refinement_datasets(train_table: pd.DataFrame, val_table: pd.DataFrame
             batch_format="numpy", batch_size=refinement.batch_size, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2),
         )
 
-    if refinement.stage1_prior_share > 0:
-        missing = [column for column in STAGE1_PRIOR_COLUMNS if column not in train_table.columns]
-        if missing:
-            raise ValueError(f"refinement.stage1_prior_share = {refinement.stage1_prior_share} needs stored stage-1 priors in the manifest; "
-                             f"missing columns: {', '.join(missing)} (studies/out_of_fold_priors.py writes them)")
     augment = REFINEMENT_AUGMENT_PRESETS[refinement.augmentation] if refinement.augment else None
     train_ds = prepared(train_table, augment, None, refinement.stage1_prior_share)
     val_ds = prepared(val_table, None, seed=0).materialize()  # the same priors every epoch
@@ -446,6 +441,7 @@ def run_training(
 
     started = time.perf_counter()
     table = load_manifest(manifest_path, require_landmarks=True)
+    check_stored_priors(table, config.refinement)  # before stage 1's training, not after it
     run_dir = storage.absolute(run_dir)  # a path every node can reach, or an object-store URI (Ray Train's storage_path)
     storage.makedirs(run_dir)
     if stage1_model:
@@ -480,6 +476,18 @@ def run_training(
     result["ray_log"] = log_path
     result["wall_seconds"] = round(wall_seconds, 1)
     return result
+
+
+def check_stored_priors(table: pd.DataFrame, refinement: RefinementConfig | None) -> None:
+    """A refinement stage trained on stored stage-1 priors needs them in the manifest (`manifest.STAGE1_PRIOR_COLUMNS`)."""
+    from fetalpipe.data.manifest import STAGE1_PRIOR_COLUMNS
+
+    if refinement is None or refinement.stage1_prior_share == 0:
+        return
+    missing = [column for column in STAGE1_PRIOR_COLUMNS if column not in table.columns]
+    if missing:
+        raise ValueError(f"refinement.stage1_prior_share = {refinement.stage1_prior_share} needs stored stage-1 priors in the manifest; "
+                         f"missing columns: {', '.join(missing)} (studies/out_of_fold_priors.py writes them)")
 
 
 def _stage1_from_file(stage1_model: str, run_dir: str, config: TrainConfig) -> TrainConfig:
