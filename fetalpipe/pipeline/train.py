@@ -603,15 +603,17 @@ class EpochLines:
 def _write_or_check_config(run_dir: str, config: TrainConfig) -> None:
     """A rerun resumes only the run its folder holds (epochs may grow). The stored config is read with this version's
     defaults for the fields it predates, so a run started before a field existed still resumes (e.g. `loss_weighting`)."""
+    def as_stored(values: dict) -> dict:  # tuples become lists, as in the JSON file; epochs may differ
+        return {key: value for key, value in json.loads(json.dumps(values)).items() if key != "epochs"}
+
     path = storage.join(run_dir, "train_config.json")
     if storage.exists(path):
         previous = json.loads(storage.read_bytes(path))
         try:
-            previous = json.loads(json.dumps(TrainConfig.from_dict(previous).to_dict()))
+            previous = TrainConfig.from_dict(previous).to_dict()
         except (TypeError, ValueError):
             pass  # a field this version does not know: compared as stored, so it differs
-        current = json.loads(json.dumps(config.to_dict()))
-        if {k: v for k, v in previous.items() if k != "epochs"} != {k: v for k, v in current.items() if k != "epochs"}:
+        if as_stored(previous) != as_stored(config.to_dict()):
             raise ValueError(f"{run_dir} holds a run with a different configuration; use a new --output or delete it")
     storage.write_text(path, json.dumps(config.to_dict(), indent=2))
 
