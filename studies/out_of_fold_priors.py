@@ -36,19 +36,21 @@ from stage1_ensemble import decoded_batches  # noqa: E402
 
 from fetalpipe.data.manifest import STAGE1_PRIOR_COLUMNS, landmarks_original_px, load_manifest  # noqa: E402
 from fetalpipe.measure.biometry import biometry_mm  # noqa: E402
+from fetalpipe.model.config import TrainConfig  # noqa: E402
 from fetalpipe.pipeline.infer import LandmarkPredictor  # noqa: E402
 from fetalpipe.pipeline.preprocess import transforms_of  # noqa: E402
 from fetalpipe.pipeline.train import is_validation_subject  # noqa: E402
 
-VAL_FRACTION = 0.15
+def validation_rows(table: pd.DataFrame) -> np.ndarray:
+    """[N] bool: the rows `fetalpipe train` holds out for validation (its default split by subject)."""
+    return table["subject_id"].astype(str).map(lambda subject: is_validation_subject(subject, TrainConfig().val_fraction)).to_numpy()
 
 
 def write_halves(manifest: str, output: str) -> None:
     """half_a.csv / half_b.csv: every validation row, and the training rows of half of the training subjects each."""
     table = load_manifest(manifest, require_landmarks=True)
-    subjects = table["subject_id"].astype(str)
-    is_val = subjects.map(lambda subject: is_validation_subject(subject, VAL_FRACTION))
-    in_half_a = subjects.map(lambda subject: kept_training_subject(subject, 0.5))
+    is_val = validation_rows(table)
+    in_half_a = table["subject_id"].astype(str).map(lambda subject: kept_training_subject(subject, 0.5)).to_numpy()
     os.makedirs(output, exist_ok=True)
     for name, rows in (("half_a", is_val | in_half_a), ("half_b", is_val | ~in_half_a)):
         path = os.path.join(output, f"{name}.csv")
@@ -68,7 +70,7 @@ def stage1_priors_px(model: str, table: pd.DataFrame, threads: int) -> np.ndarra
 
 def write_priors(manifest: str, folds: list[str], output: str, threads: int, results: str | None) -> None:
     table = load_manifest(manifest, require_landmarks=True)
-    is_val = table["subject_id"].astype(str).map(lambda subject: is_validation_subject(subject, VAL_FRACTION)).to_numpy()
+    is_val = validation_rows(table)
     priors_px = np.full((len(table), 4, 2), np.nan)
     summary = []
     for fold in folds:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fetalpipe.data.augment import AUGMENT_PRESETS, REFINEMENT_AUGMENT_PRESETS, AcquisitionAugmentConfig, AugmentConfig
+from fetalpipe.data.manifest import STAGE1_PRIOR_COLUMNS
 from fetalpipe.model.config import RefinementConfig, TrainConfig
 from fetalpipe.runtime import storage
 
@@ -394,7 +395,6 @@ def build_refinement_datasets(train_table: pd.DataFrame, val_table: pd.DataFrame
     import ray.data
 
     from fetalpipe import LANDMARK_COLUMNS
-    from fetalpipe.data.manifest import STAGE1_PRIOR_COLUMNS
     from fetalpipe.pipeline.preprocess import decode_original_batch, encode_polar_batch
 
     codec = refinement.codec()
@@ -480,8 +480,6 @@ def run_training(
 
 def check_stored_priors(table: pd.DataFrame, refinement: RefinementConfig | None) -> None:
     """A refinement stage trained on stored stage-1 priors needs them in the manifest (`manifest.STAGE1_PRIOR_COLUMNS`)."""
-    from fetalpipe.data.manifest import STAGE1_PRIOR_COLUMNS
-
     if refinement is None or refinement.stage1_prior_share == 0:
         return
     missing = [column for column in STAGE1_PRIOR_COLUMNS if column not in table.columns]
