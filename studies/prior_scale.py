@@ -102,21 +102,17 @@ def review_rows(train_errors: pd.DataFrame, sets: dict[str, pd.DataFrame], budge
     """The rule fitted on the training split with and without the sensitivity, applied to each set."""
     rows = []
     for label, extra in (("shipped signals", ()), (f"+ {SENSITIVITY}", (SENSITIVITY,))):
-        signals, log_scale = review.SIGNALS, review.LOG_SCALE_SIGNALS
-        review.SIGNALS, review.LOG_SCALE_SIGNALS = signals + extra, log_scale + extra  # `fit` and `score` read the module's lists
-        try:
-            rule = review.ReviewRule.fit(train_errors, train_errors["hc_ellipse_diff_mm"].abs().to_numpy(), max_flagged_fraction=budget)
-            row = {"rule": label, "weights": dict(zip(rule.signals, rule.weights))}
-            for name, table in sets.items():
-                errors = table["hc_ellipse_diff_mm"].abs().to_numpy()
-                row[name] = review.catch_curve(table, errors, rule)
-                score, large = rule.score(table), errors > review.LARGE_ERROR_MM
-                row[name]["auc"] = float(roc_auc_score(large, score))
-                if rows:  # the same share flagged as the rule without the sensitivity flags there: does it rank better?
-                    share = rows[0][name]["flagged_fraction"]
-                    row[name]["caught_at_the_same_share"] = int((large & (score > np.quantile(score, 1 - share))).sum())
-        finally:
-            review.SIGNALS, review.LOG_SCALE_SIGNALS = signals, log_scale
+        rule = review.ReviewRule.fit(train_errors, train_errors["hc_ellipse_diff_mm"].abs().to_numpy(), max_flagged_fraction=budget,
+                                     candidate_signals=review.SIGNALS + extra, log_scale_signals=review.LOG_SCALE_SIGNALS + extra)
+        row = {"rule": label, "weights": dict(zip(rule.signals, rule.weights))}
+        for name, table in sets.items():
+            errors = table["hc_ellipse_diff_mm"].abs().to_numpy()
+            row[name] = review.catch_curve(table, errors, rule)
+            score, large = rule.score(table), errors > review.LARGE_ERROR_MM
+            row[name]["auc"] = float(roc_auc_score(large, score))
+            if rows:  # the same share flagged as the rule without the sensitivity flags there: does it rank better?
+                share = rows[0][name]["flagged_fraction"]
+                row[name]["caught_at_the_same_share"] = int((large & (score > np.quantile(score, 1 - share))).sum())
         rows.append(row)
     return rows
 

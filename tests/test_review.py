@@ -1,10 +1,12 @@
 """The review flag: thresholds fitted on a labelled split, stored in the model file, applied per row."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from fetalpipe.measure.review import SIGNALS, ReviewRule, catch_curve
+from fetalpipe.measure.review import LOG_SCALE_SIGNALS, SIGNALS, ReviewRule, catch_curve
 
 
 def _signals(count=400, seed=0):
@@ -100,3 +102,27 @@ def test_stored_threshold_is_what_a_model_file_carries(tmp_path, tiny_model_path
     stored = ReviewRule.from_dict(read_model_header(path)["review"])
     assert stored.threshold == pytest.approx(1.0) and stored.weights == pytest.approx((2.0, -1.0))
     assert stored.apply(pd.DataFrame({"stage_disagreement_mm": [0.1], "axis_ratio": [0.8]}))[0].tolist() == [True]
+
+
+def test_a_rule_scores_with_the_log_scale_it_was_fitted_with():
+    table, errors = _signals()
+    table["extra_signal_mm"] = np.exp(np.random.default_rng(5).normal(0, 1, len(table)))
+    table.loc[errors > 5, "extra_signal_mm"] = 50.0
+    rule = ReviewRule.fit(table, errors, candidate_signals=(*SIGNALS, "extra_signal_mm"),
+                          log_scale_signals=(*LOG_SCALE_SIGNALS, "extra_signal_mm"))
+    assert "extra_signal_mm" in rule.signals and "extra_signal_mm" in rule.log_scale_signals
+    assert "extra_signal_mm" not in LOG_SCALE_SIGNALS  # nothing patched the module's list
+    again = ReviewRule.from_dict(rule.to_dict())
+    assert again == rule and again.score(table) == pytest.approx(rule.score(table))
+    # Read as a plain signal, the same weights would score otherwise: the stored list is what makes the file reproducible.
+    plain = dataclasses.replace(rule, log_scale_signals=tuple(n for n in rule.log_scale_signals if n != "extra_signal_mm"))
+    assert not np.allclose(plain.score(table), rule.score(table))
+
+
+def test_a_rule_stored_without_its_log_scale_reads_as_fitted_with_todays():
+    stored = _hand_rule().to_dict()
+    del stored["log_scale_signals"]  # a model file written before the rule carried the list (the shipped one)
+    again = ReviewRule.from_dict(stored)
+    assert again.log_scale_signals == LOG_SCALE_SIGNALS
+    table = pd.DataFrame({"stage_disagreement_mm": [0.01, 0.1], "axis_ratio": [0.8, 0.8]})
+    assert again.score(table) == pytest.approx([0.0, 2 * np.log(10)])

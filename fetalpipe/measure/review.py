@@ -38,19 +38,21 @@ MAX_FLAGGED_FRACTION = 0.12
 REGULARISATION_C = 1.0  # scikit-learn's inverse L2 strength: the training split holds only a few dozen large errors
 
 
-def _features(signals: pd.DataFrame, names: list[str]) -> np.ndarray:
-    """[rows, signals] float64, log scale where `LOG_SCALE_SIGNALS` says; NaN where a signal is missing."""
+def _features(signals: pd.DataFrame, names: list[str], log_scale_signals: tuple[str, ...]) -> np.ndarray:
+    """[rows, signals] float64, on a log scale for the names in `log_scale_signals`; NaN where a signal is missing."""
     columns = []
     for name in names:
         values = pd.to_numeric(signals[name], errors="coerce").to_numpy(dtype=np.float64) if name in signals else np.full(len(signals), np.nan)
-        columns.append(np.log(np.maximum(values, LOG_FLOOR)) if name in LOG_SCALE_SIGNALS else values)
+        columns.append(np.log(np.maximum(values, LOG_FLOOR)) if name in log_scale_signals else values)
     return np.stack(columns, axis=1) if columns else np.zeros((len(signals), 0))
 
 
 @dataclass(frozen=True)
 class ReviewRule:
     """score = bias + Σ weight · (feature − mean) / scale over `signals`; a row is flagged when score > threshold.
-    A missing signal (NaN) counts as its training mean: it neither raises nor lowers the score."""
+    A feature is the signal's log for the names in `log_scale_signals`, the signal itself for the others; the rule
+    carries that list, so a stored rule scores as it was fitted. A missing signal (NaN) counts as its training mean:
+    it neither raises nor lowers the score."""
 
     signals: tuple[str, ...]
     mean: tuple[float, ...]
@@ -59,10 +61,11 @@ class ReviewRule:
     bias: float
     threshold: float
     fit_report: dict = field(default_factory=dict)
+    log_scale_signals: tuple[str, ...] = LOG_SCALE_SIGNALS
 
     def standardised(self, signals: pd.DataFrame) -> np.ndarray:
         """[rows, signals]: each signal in training standard deviations from its training mean (0 where missing)."""
-        return np.nan_to_num((_features(signals, list(self.signals)) - np.array(self.mean)) / np.array(self.scale), nan=0.0)
+        return np.nan_to_num((_features(signals, list(self.signals), self.log_scale_signals) - np.array(self.mean)) / np.array(self.scale), nan=0.0)
 
     def score(self, signals: pd.DataFrame) -> np.ndarray:
         return self.bias + self.standardised(signals) @ np.array(self.weights)
@@ -88,23 +91,28 @@ class ReviewRule:
 
     def to_dict(self) -> dict:
         return {"kind": "logistic", "signals": list(self.signals), "mean": list(self.mean), "scale": list(self.scale),
-                "weights": list(self.weights), "bias": self.bias, "threshold": self.threshold, "fit_report": dict(self.fit_report)}
+                "weights": list(self.weights), "bias": self.bias, "threshold": self.threshold, "fit_report": dict(self.fit_report),
+                "log_scale_signals": list(self.log_scale_signals)}
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "ReviewRule | None":
         """The stored rule; None for a model without one (or with the per-signal thresholds of an earlier 0.2.0
-        development model: recalibrate it to get a flag)."""
+        development model: recalibrate it to get a flag). A rule stored without `log_scale_signals` was fitted with
+        today's `LOG_SCALE_SIGNALS`."""
         if not values or values.get("kind") != "logistic":
             return None
         return cls(signals=tuple(values["signals"]), mean=tuple(map(float, values["mean"])), scale=tuple(map(float, values["scale"])),
                    weights=tuple(map(float, values["weights"])), bias=float(values["bias"]), threshold=float(values["threshold"]),
-                   fit_report=dict(values.get("fit_report", {})))
+                   fit_report=dict(values.get("fit_report", {})),
+                   log_scale_signals=tuple(values.get("log_scale_signals", LOG_SCALE_SIGNALS)))
 
     @classmethod
     def fit(cls, signals: pd.DataFrame, hc_abs_error_mm: np.ndarray, max_flagged_fraction: float = MAX_FLAGGED_FRACTION,
-            large_error_mm: float = LARGE_ERROR_MM) -> "ReviewRule":
+            large_error_mm: float = LARGE_ERROR_MM, candidate_signals: tuple[str, ...] = SIGNALS,
+            log_scale_signals: tuple[str, ...] = LOG_SCALE_SIGNALS) -> "ReviewRule":
         """Fit the weights (L2-regularised logistic regression, scikit-learn) to predict |HC error| > `large_error_mm`
-        from the signals present in `signals`, and the threshold at the score that flags `max_flagged_fraction`."""
+        from those of `candidate_signals` present in `signals`, and the threshold at the score that flags
+        `max_flagged_fraction`. A study can try a new signal by naming it in both tuples."""
         from sklearn.linear_model import LogisticRegression
 
         errors = np.asarray(hc_abs_error_mm, dtype=np.float64)
@@ -112,8 +120,9 @@ class ReviewRule:
         large = errors > large_error_mm
         if large[measured].all() or not large[measured].any():
             raise ValueError(f"the review rule needs images both above and below {large_error_mm} mm of HC error to fit")
-        names = [name for name in SIGNALS if name in signals and pd.to_numeric(signals[name], errors="coerce").notna().any()]
-        features = _features(signals, names)[measured]
+        names = [name for name in candidate_signals if name in signals and pd.to_numeric(signals[name], errors="coerce").notna().any()]
+        log_scale_signals = tuple(name for name in log_scale_signals if name in names)
+        features = _features(signals, names, log_scale_signals)[measured]
         mean = np.nanmean(features, axis=0)
         scale = np.nanstd(features, axis=0)
         scale = np.where(scale > 0, scale, 1.0)
@@ -129,7 +138,7 @@ class ReviewRule:
             "max_flagged_fraction": max_flagged_fraction,
         }
         return cls(signals=tuple(names), mean=tuple(map(float, mean)), scale=tuple(map(float, scale)), weights=tuple(map(float, regression.coef_[0])),
-                   bias=float(regression.intercept_[0]), threshold=threshold, fit_report=report)
+                   bias=float(regression.intercept_[0]), threshold=threshold, fit_report=report, log_scale_signals=log_scale_signals)
 
 
 def catch_curve(signals: pd.DataFrame, hc_abs_error_mm: np.ndarray, rule: ReviewRule, large_error_mm: float = LARGE_ERROR_MM) -> dict:
