@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
@@ -35,20 +36,15 @@ from fetalpipe.pipeline.preprocess import decode_batch, transforms_of  # noqa: E
 BATCH = 16
 
 
-class AveragedStage1(LandmarkPredictor):
-    """`LandmarkPredictor` (fp32, no size line) whose stage 1 is the mean of several networks' maps."""
+class MeanOfNetworks(torch.nn.Module):
+    """Stage 1 as the mean of several networks' maps, put where `LandmarkPredictor.model` is."""
 
-    def __init__(self, refinement_model: str, threads: int):
-        super().__init__(refinement_model, threads=threads, precision="fp32")
-        self.calibration = None  # fitted here, per stage 1
-        self.stage1_networks = [self.model]
+    def __init__(self, networks: list[torch.nn.Module]):
+        super().__init__()
+        self.networks = torch.nn.ModuleList(networks)
 
-    def predict_heatmaps(self, images: np.ndarray) -> np.ndarray:
-        maps = []
-        for network in self.stage1_networks:
-            self.model = network
-            maps.append(super().predict_heatmaps(images))
-        return np.mean(maps, axis=0)
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.stack([network(tensor) for network in self.networks]).mean(dim=0)
 
 
 def decoded_batches(table: pd.DataFrame, input_size: int) -> list[dict]:
@@ -63,7 +59,7 @@ def decoded_batches(table: pd.DataFrame, input_size: int) -> list[dict]:
     return batches
 
 
-def measure(predictor: AveragedStage1, batches: list[dict]) -> np.ndarray:
+def measure(predictor: LandmarkPredictor, batches: list[dict]) -> np.ndarray:
     """[N, 4, 2] endpoints in original pixels, both stages, no size line."""
     points = []
     for batch in batches:
@@ -91,7 +87,8 @@ def main() -> None:
     parser.add_argument("--results", help="write the table here (JSON)")
     args = parser.parse_args()
 
-    predictor = AveragedStage1(args.refinement, args.threads)
+    predictor = LandmarkPredictor(args.refinement, threads=args.threads, precision="fp32")
+    predictor.calibration = None  # a size line is fitted here, per stage 1
     networks = {}
     for item in args.stage1:
         name, path = item.split("=", 1)
@@ -104,7 +101,7 @@ def main() -> None:
 
     rows = []
     for name, members in [*((name, [name]) for name in networks), ("average of " + ", ".join(networks), list(networks))]:
-        predictor.stage1_networks = [networks[member] for member in members]
+        predictor.model = MeanOfNetworks([networks[member] for member in members])
         points = {split: measure(predictor, split_batches) for split, split_batches in batches.items()}
         train = tables["train"]
         calibration = SizeCalibration.fit(biometry_mm(points["train"], train["pixel_spacing_mm"].to_numpy())["hc_ellipse_mm"], train["hc_mm"].to_numpy())
