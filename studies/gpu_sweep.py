@@ -47,7 +47,8 @@ from fetalpipe.pipeline.evaluate import per_image_errors
 from fetalpipe.pipeline.evaluate import summarize as summarize_errors  # noqa: E402
 from fetalpipe.pipeline.preprocess import encode_batch  # noqa: E402
 from fetalpipe.pipeline.train import _lr_factor, heatmap_loss, split_by_subject  # noqa: E402
-from recalibrated_bn_eval import recompute_batchnorm  # noqa: E402  (bench/, the script's own folder)
+from cli_runs import train_infer_evaluate  # noqa: E402  (studies/, the script's own folder)
+from recalibrated_bn_eval import recompute_batchnorm  # noqa: E402
 
 RAY_TRAIN_WORKERS = 2  # `fetalpipe train`'s default: the global batch is batch_size × this
 
@@ -281,7 +282,6 @@ def behind_refinement(models: list[str], refinement_run: str, manifest: str, val
     read back, not run again)."""
     import shutil
 
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     rows = []
     for model in models:
         name = os.path.splitext(os.path.basename(model))[0]
@@ -291,12 +291,7 @@ def behind_refinement(models: list[str], refinement_run: str, manifest: str, val
             shutil.rmtree(run_dir, ignore_errors=True)
             os.makedirs(run_dir)
             shutil.copytree(os.path.join(refinement_run, "refinement"), os.path.join(run_dir, "refinement"))
-            calibrated = os.path.join(run_dir, "model_calibrated.pt")
-            for command in (["train", "--manifest", manifest, "--output", run_dir, "--config", "ellipse_refine", "--stage1-model", model],
-                            ["infer", "--manifest", val_manifest, "--model", calibrated, "--output", os.path.join(run_dir, "val")],
-                            ["evaluate", "--predictions", os.path.join(run_dir, "val"), "--manifest", val_manifest, "--output", os.path.join(run_dir, "val", "report")]):
-                with open(os.path.join(run_dir, f"{command[0]}.log"), "w") as log:
-                    subprocess.run([sys.executable, "-m", "fetalpipe.cli", *command], check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+            train_infer_evaluate(run_dir, manifest, val_manifest, ["--config", "ellipse_refine", "--stage1-model", model])
         with open(metrics_path) as handle:
             metrics = json.load(handle)
         stage1 = read_model_header(model)

@@ -25,13 +25,13 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pandas as pd
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 from bench_record import provenance  # noqa: E402  (the machine, Python and commit every result records)
+from cli_runs import train_infer_evaluate  # noqa: E402  (studies/, the script's own folder)
 
 from fetalpipe.data.manifest import load_manifest
 from fetalpipe.model.config import resolve_config
@@ -69,16 +69,11 @@ def run_fraction(table: pd.DataFrame, fraction: float, stage1_model: str | None,
         os.makedirs(run_dir, exist_ok=True)
         manifest = os.path.join(run_dir, "manifest.csv")
         cut.to_csv(manifest, index=False)
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         trained_refinement = os.path.join(output, f"fraction_{fraction:g}", "refinement")
         if stage1_model is None and os.path.isdir(trained_refinement) and not os.path.exists(os.path.join(run_dir, "refinement")):
             shutil.copytree(trained_refinement, os.path.join(run_dir, "refinement"))
         stage1 = ["--stage1-model", stage1_model] if stage1_model else []
-        for command in (["train", "--manifest", manifest, "--output", run_dir, "--config", "ellipse_refine", *stage1],
-                        ["infer", "--manifest", val_manifest, "--model", os.path.join(run_dir, "model_calibrated.pt"), "--output", os.path.join(run_dir, "val")],
-                        ["evaluate", "--predictions", os.path.join(run_dir, "val"), "--manifest", val_manifest, "--output", os.path.join(run_dir, "val", "report")]):
-            with open(os.path.join(run_dir, f"{command[0]}.log"), "a") as log:
-                subprocess.run([sys.executable, "-m", "fetalpipe.cli", *command], check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+        train_infer_evaluate(run_dir, manifest, val_manifest, ["--config", "ellipse_refine", *stage1])
     with open(metrics_path) as handle:
         metrics = json.load(handle)
     with open(os.path.join(run_dir, "run.json")) as handle:
