@@ -45,3 +45,20 @@ def test_evaluate_report_from_a_predictions_folder(tmp_path):
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["images"] == 20
     assert len(pd.read_csv(tmp_path / "report" / "per_image_errors.csv")) == 20
     assert (tmp_path / "report" / "bland_altman_hc.png").stat().st_size > 1000
+
+
+def test_evaluate_says_when_every_matched_prediction_is_an_error_row(tmp_path):
+    reference = load_manifest(SAMPLE_MANIFEST, require_landmarks=True)
+    predictions = reference[["image_path"]].copy()
+    for column in LANDMARK_COLUMNS:
+        predictions[column] = np.nan
+    predictions["status"] = "error"
+    predictions["error"] = "no fetal head found (model output below detection threshold)"
+    os.makedirs(tmp_path / "out" / "predictions")
+    predictions.to_parquet(tmp_path / "out" / "predictions" / "part-0.parquet")
+    with pytest.raises(ValueError, match="every one of the 20 predictions .* is an error row.*no fetal head found"):
+        evaluate_predictions(str(tmp_path / "out"), SAMPLE_MANIFEST, str(tmp_path / "report"))
+    predictions["image_path"] = "/elsewhere/" + predictions["image_path"].str.rsplit("/", n=1).str[-1]
+    predictions.to_parquet(tmp_path / "out" / "predictions" / "part-0.parquet")
+    with pytest.raises(ValueError, match="no prediction matches a manifest image_path"):
+        evaluate_predictions(str(tmp_path / "out"), SAMPLE_MANIFEST, str(tmp_path / "report"))

@@ -97,6 +97,17 @@ def bland_altman_plot(errors: pd.DataFrame, predicted_column: str, path: str) ->
     plt.close(figure)
 
 
+def _why_nothing_to_score(predictions: pd.DataFrame, reference: pd.DataFrame) -> str:
+    """What to tell the user when no successful prediction matches a manifest image: wrong paths, or only error rows."""
+    matched = predictions[predictions["image_path"].isin(reference["image_path"])]
+    if matched.empty:
+        return "no prediction matches a manifest image_path"
+    errors = matched["error"].fillna("").astype(str) if "error" in matched else pd.Series("", index=matched.index)
+    most_common = errors.value_counts().index[0]
+    return (f"every one of the {len(matched)} predictions for the manifest's images is an error row, so there is nothing to score"
+            + (f"; the most frequent error: {most_common}" if most_common else ""))
+
+
 def evaluate_predictions(predictions_dir: str, manifest_path: str, output_dir: str) -> dict[str, float]:
     """`fetalpipe evaluate`: join predictions to the reference manifest by image path, write the report."""
     from fetalpipe.data.manifest import landmarks_original_px, load_manifest
@@ -108,7 +119,7 @@ def evaluate_predictions(predictions_dir: str, manifest_path: str, output_dir: s
     review_columns = [c for c in ("needs_review", "review_reason", *REVIEW_SIGNAL_COLUMNS, "confidence") if c in ok.columns]
     joined = reference.merge(ok[["image_path", *LANDMARK_COLUMNS, *review_columns]], on="image_path", how="inner", suffixes=("_ref", ""))
     if joined.empty:
-        raise ValueError("no prediction matches a manifest image_path")
+        raise ValueError(_why_nothing_to_score(predictions, reference))
     reference_points = joined[[f"{c}_ref" for c in LANDMARK_COLUMNS]].to_numpy(dtype=np.float64).reshape(-1, 4, 2)
     predicted_points = landmarks_original_px(joined)
     spacing = joined["pixel_spacing_mm"].to_numpy(dtype=np.float64) if "pixel_spacing_mm" in joined else np.full(len(joined), np.nan)
