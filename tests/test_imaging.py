@@ -108,6 +108,20 @@ def test_bad_bytes_raise_clear_errors(data, message):
         decode_image(data)
 
 
+@pytest.mark.parametrize("value", [0, 128, 255])
+def test_a_blank_frame_is_refused_with_its_grey(value):
+    with pytest.raises(ImageDecodeError, match=f"blank image: every pixel is the same grey \\({value} of 255\\)"):
+        decode_image(encoded(np.full((540, 800), value, np.uint8), ".png"))
+    with pytest.raises(ImageDecodeError, match="blank image"):
+        decode_image(encoded(np.full((540, 800), value * 257, np.uint16), ".png"))
+
+
+def test_a_dark_frame_with_any_content_is_not_blank():
+    frame = np.zeros((540, 800), np.uint8)
+    frame[200:202, 300:302] = 2  # two grey levels of content in a black frame
+    assert decode_image(encoded(frame, ".png")).pixels.max() == pytest.approx(2 / 255)
+
+
 def test_missing_path_and_directory(tmp_path):
     with pytest.raises(ImageDecodeError, match="not found"):
         read_image(str(tmp_path / "nope.png"))

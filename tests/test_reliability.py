@@ -59,6 +59,7 @@ def build_corpus(folder) -> tuple[pd.DataFrame, dict]:
         "truncated.png": (png[: len(png) // 3], "truncated PNG", "corrupt or truncated"),
         "corrupt_body.png": (corrupt_png_body(gray), "PNG with a corrupt body (damaged IDAT)", "corrupt or truncated"),
         "one_pixel.png": (cv2.imencode(".png", np.zeros((1, 1), np.uint8))[1].tobytes(), "1x1 image", "too small"),
+        "black.png": (cv2.imencode(".png", np.zeros_like(gray))[1].tobytes(), "a blank (all-black) frame", "blank image"),
     }
     cases, rows = {}, []
     for name, (data, description, expected) in files.items():

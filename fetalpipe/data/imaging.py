@@ -55,7 +55,12 @@ UPRIGHT_ASPECT = 800 / 540  # the upright frame is grown to HC18's landscape sha
 
 
 class ImageDecodeError(ValueError):
-    """The bytes are not an image fetalpipe can read; the message says why."""
+    """The bytes are not an image fetalpipe can read, or hold nothing to measure; the message says why."""
+
+
+# A frame whose pixels span less than this (of the [0, 1] grey range: under 2 of 8-bit's 256 levels) is blank: a
+# dropped or black frame in an archive. It holds no head, and stage 1 would outline one anyway at low confidence.
+BLANK_MAX_RANGE = 2 / 255
 
 
 @dataclass(frozen=True)
@@ -215,12 +220,16 @@ def decode_image(data: bytes) -> DecodedImage:
     if len(data) == 0:
         raise ImageDecodeError("empty file (0 bytes)")
     if is_dicom(data):
-        return _decode_dicom(data)
-    buffer = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise ImageDecodeError(f"not a decodable image ({_describe_bytes(data)})")
-    return DecodedImage(pixels=_to_gray_unit(image), pixel_spacing_mm=None)
+        decoded = _decode_dicom(data)
+    else:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise ImageDecodeError(f"not a decodable image ({_describe_bytes(data)})")
+        decoded = DecodedImage(pixels=_to_gray_unit(image), pixel_spacing_mm=None)
+    low, high = float(decoded.pixels.min()), float(decoded.pixels.max())
+    if high - low < BLANK_MAX_RANGE:
+        raise ImageDecodeError(f"blank image: every pixel is the same grey ({round(low * 255)} of 255), nothing to measure")
+    return decoded
 
 
 def read_bytes(path: str) -> bytes:
