@@ -29,3 +29,34 @@ def test_without_a_terminal_it_prints_lines_at_most_every_interval_and_at_the_en
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("infer: 100/100 img (100 %)") and lines[0].endswith("0 errors")
     assert "\r" not in stream.getvalue()
+
+
+def _subcommand_parsers(parser):
+    """(name, parser) for every subcommand, nested ones (`study run`) included."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                yield name, subparser
+                yield from _subcommand_parsers(subparser)
+
+
+def test_every_cli_option_says_what_it_does():
+    from fetalpipe.cli import build_parser
+
+    import argparse
+
+    undocumented = [f"{name} {action.option_strings or action.dest}" for name, subparser in _subcommand_parsers(build_parser())
+                    for action in subparser._actions
+                    if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) and not action.help]
+    assert undocumented == []
+
+
+def test_train_defaults_to_the_shipped_recipe():
+    from fetalpipe.cli import build_parser
+    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, read_model_header
+
+    args = build_parser().parse_args(["train", "--manifest", "m.csv", "--output", "run"])
+    assert args.config == "ellipse_refine"
+    assert "refinement" in read_model_header(DEFAULT_MODEL_PATH)["train_config"]  # the shipped file is that recipe's
