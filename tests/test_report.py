@@ -132,3 +132,11 @@ def test_report_command_rewrites_the_report_from_the_outputs(tmp_path):
     assert not (output / "report.html").exists()
     assert main(["report", str(output)]) == 0
     assert "count-needs-review'>1<" in (output / "report.html").read_text()
+
+
+def test_report_command_on_a_folder_without_outputs_says_what_it_needs(tmp_path, capsys):
+    from fetalpipe.cli import main
+
+    assert main(["report", str(tmp_path)]) == 2
+    assert "holds no predictions.csv: give the OUT folder of `fetalpipe infer`" in capsys.readouterr().err
+    assert not (tmp_path / "report.html").exists()

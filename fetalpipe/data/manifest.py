@@ -102,7 +102,8 @@ def validate_manifest(
     if require_landmarks:
         missing = [column for column in LANDMARK_COLUMNS if column not in table.columns]
         if missing:
-            raise ManifestError(f"{source}: missing landmark column(s) {missing} needed for training")
+            raise ManifestError(f"{source}: missing landmark column(s) {missing}: training, calibration and evaluation "
+                                "need the reference landmarks (`import-hc18` writes them for HC18)")
         for column in LANDMARK_COLUMNS:
             values = pd.to_numeric(table[column], errors="coerce")
             bad = values.isna() | ~np.isfinite(values)

@@ -40,7 +40,10 @@ def write_report(output_dir: str, predictions: pd.DataFrame | None = None, run: 
     """Write OUT/report.html (atomically) from the run's rows and record; returns its path. `infer` passes the ones it has
     just written; otherwise they are read from OUT/predictions.csv and OUT/run.json."""
     if predictions is None:
-        predictions = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(output_dir, "predictions.csv"))), dtype={"error": str, "review_reason": str})
+        csv_path = storage.join(output_dir, "predictions.csv")
+        if not storage.exists(csv_path):
+            raise FileNotFoundError(f"{output_dir} holds no predictions.csv: give the OUT folder of `fetalpipe infer` or of a study run")
+        predictions = pd.read_csv(io.BytesIO(storage.read_bytes(csv_path)), dtype={"error": str, "review_reason": str})
     if run is None:
         run_path = storage.join(output_dir, "run.json")
         run = json.loads(storage.read_bytes(run_path)) if storage.exists(run_path) else {}
