@@ -1,4 +1,4 @@
-"""The `fetalpipe` command: import-hc18, train, infer, evaluate, study, demo."""
+"""The `fetalpipe` command: import-hc18, train, infer, calibrate, evaluate, study, report, demo."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import signal
 import sys
 import threading
 import time
+
+ADDRESS_HELP = "a running Ray cluster, e.g. head-node:6379 (default: $RAY_ADDRESS, set by `ray job submit`; else a new local Ray)"
 
 
 def _cmd_import_hc18(args) -> int:
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--max-failures", type=int, default=2, help="times Ray Train restarts from the last checkpoint after a worker dies (default 2)")
     command.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                          help="skip the calibration that follows training (int8 parameters and size line into RUN_DIR/model_calibrated.pt)")
-    command.add_argument("--address", help="a running Ray cluster, e.g. head-node:6379 (default: $RAY_ADDRESS, set by `ray job submit`; else a new local Ray)")
+    command.add_argument("--address", help=ADDRESS_HELP)
     command.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console (default: RUN_DIR/logs/ray.log)")
     command.set_defaults(handler=_cmd_train)
 
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="decode images inside the model actors (default; no hand-off) or in separate Ray tasks (heavy decoding)")
     command.add_argument("--precision", choices=("auto", "int8", "fp32"), default="auto",
                          help="auto (default): int8 when the model file has int8 parameters (written by `calibrate`; about 2x faster forward), else fp32")
-    command.add_argument("--address", help="a running Ray cluster, e.g. head-node:6379 (default: $RAY_ADDRESS, set by `ray job submit`; else a new local Ray)")
+    command.add_argument("--address", help=ADDRESS_HELP)
     command.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console (default: OUT/logs/ray.log)")
     command.add_argument("--dry-run", action="store_true",
                          help="only plan: validate the manifest, check what OUT already holds, list the missing or unreadable files; start and write nothing")
@@ -181,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--model", required=True, help="a trained model.pt")
     command.add_argument("--manifest", required=True, help="the manifest it was trained on (split by subject_id as in training)")
     command.add_argument("--output", required=True, help="where the calibrated model goes (the training split's measurement stays in OUTPUT.calibration/)")
-    command.add_argument("--address", help="a running Ray cluster, e.g. head-node:6379 (default: $RAY_ADDRESS, set by `ray job submit`; else a new local Ray)")
+    command.add_argument("--address", help=ADDRESS_HELP)
     command.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console (default: logs/ray.log beside OUTPUT)")
     command.set_defaults(handler=_cmd_calibrate)
 
@@ -196,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = study_commands.add_parser("run", help="run STUDY.yaml into ROOT/<name>/<run-date>/")
     run.add_argument("spec", help="STUDY.yaml: name, input (manifest, folder or glob), model, output_root, overlays (README: Scheduled studies)")
     run.add_argument("--run-date", help="YYYY-MM-DD (default: today)")
-    run.add_argument("--address", help="a running Ray cluster, e.g. head-node:6379 (default: $RAY_ADDRESS, set by `ray job submit`; else a new local Ray)")
+    run.add_argument("--address", help=ADDRESS_HELP)
     run.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console (default: OUT/logs/ray.log)")
     run.set_defaults(handler=_cmd_study)
 
@@ -206,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command = commands.add_parser("demo", help="run inference on the embedded sample with the shipped model")
     command.add_argument("--output", default="fetalpipe-demo", help="OUT folder (default: ./fetalpipe-demo)")
-    command.add_argument("--address", help="a running Ray cluster, e.g. head-node:6379 (default: $RAY_ADDRESS, set by `ray job submit`; else a new local Ray)")
+    command.add_argument("--address", help=ADDRESS_HELP)
     command.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console (default: OUTPUT/logs/ray.log)")
     command.set_defaults(handler=_cmd_demo)
     return parser
