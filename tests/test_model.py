@@ -134,3 +134,23 @@ def test_damaged_or_mismatched_weights_are_refused_with_the_reason(tiny_model_pa
     assert read_model_header(mismatched)["format"] == "fetalpipe-model-v1"  # the header alone cannot tell
     with pytest.raises(ModelFileError, match="weights do not fit the architecture.*Missing key"):
         load_model(mismatched)
+
+
+def test_every_committed_recipe_resolves_and_names_its_experiments_row():
+    """docs/experiments.md gives each row's command with a file in configs/: each must still load, build on a named
+    base, and say in its first comment which row it is."""
+    import glob
+    import os
+
+    from fetalpipe.model.config import TrainConfig, resolve_config
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    paths = sorted(glob.glob(os.path.join(folder, "*.yaml")))
+    assert len(paths) >= 20
+    for path in paths:
+        config = resolve_config(path)
+        assert isinstance(config, TrainConfig)
+        assert TrainConfig.from_dict(config.to_dict()) == config, path
+        with open(path) as handle:
+            first_line = handle.readline()
+        assert first_line.startswith("# docs/experiments.md"), f"{path}: its first line should name its experiments row"
