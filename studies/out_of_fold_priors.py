@@ -41,6 +41,7 @@ from fetalpipe.pipeline.infer import LandmarkPredictor  # noqa: E402
 from fetalpipe.pipeline.preprocess import transforms_of  # noqa: E402
 from fetalpipe.pipeline.train import is_validation_subject  # noqa: E402
 
+
 def validation_rows(table: pd.DataFrame) -> np.ndarray:
     """[N] bool: the rows `fetalpipe train` holds out for validation (its default split by subject)."""
     return table["subject_id"].astype(str).map(lambda subject: is_validation_subject(subject, TrainConfig().val_fraction)).to_numpy()

@@ -174,11 +174,12 @@ def main() -> None:
         print(f"| {name} | {result['images']} | {result['images'] - result['heads_found']} | {result['hc_ellipse_mae_mm']:.2f} | {delta} | "
               f"{result['hc_ellipse_images_over_5mm']} | {100 * result.get('flagged_fraction', 0):.1f} % | "
               f"{'—' if caught is None else f'{100 * caught:.0f} %'} |")
-    print_totals({model_path: totals(results)})
+    total = totals(results)
+    print_totals({model_path: total})
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
     with open(args.results, "w") as handle:
         json.dump({"command": " ".join(sys.argv), "model": model_path, "model_sha256": file_sha256(model_path), "fetalpipe": __version__,
-                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "variants": results, "totals": totals(results)}, handle, indent=2, default=float)
+                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "variants": results, "totals": total}, handle, indent=2, default=float)
 
 
 if __name__ == "__main__":
