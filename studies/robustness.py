@@ -113,7 +113,8 @@ def totals(results: dict[str, dict]) -> dict:
     variants = {name: result for name, result in results.items() if name != "clean"}
     images = sum(result["images"] for result in results.values())
     large = sum(result["hc_ellipse_images_over_5mm"] for result in results.values())
-    caught = sum(round(result.get("flagged_of_images_over_5mm", 0) * result["hc_ellipse_images_over_5mm"]) for result in results.values())
+    # `evaluate` stores None for the share caught where a set has no image above 5 mm: none to catch there.
+    caught = sum(round((result.get("flagged_of_images_over_5mm") or 0) * result["hc_ellipse_images_over_5mm"]) for result in results.values())
     clean = results.get("clean", {}).get("hc_ellipse_mae_mm")
     return {"variants": len(variants), "clean_hc_mae_mm": clean,
             "mean_hc_mae_mm": float(np.mean([result["hc_ellipse_mae_mm"] for result in variants.values()])),
