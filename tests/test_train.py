@@ -227,6 +227,22 @@ def test_training_stops_without_waiting_out_the_placement_group_cleaners_10_s_po
     assert cleaners[0]._stop_timeout <= 3  # Ray's default: 12 s
 
 
+def test_ray_trains_controller_polls_its_workers_every_half_second_unless_the_user_chose(monkeypatch):
+    """Only a poll sees that training ended (Ray Train's default: every 2 s); the interval reaches the controller and
+    the workers through the environment variables Ray Train passes on, and a value the user set stays."""
+    import ray.train
+    from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR, get_env_vars_to_propagate
+
+    from fetalpipe.runtime.cluster import TRAIN_HEALTH_CHECK_INTERVAL_S, torch_trainer
+
+    monkeypatch.delenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR, raising=False)
+    torch_trainer(train_loop_per_worker=lambda config: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+    assert float(get_env_vars_to_propagate()[HEALTH_CHECK_INTERVAL_S_ENV_VAR]) == TRAIN_HEALTH_CHECK_INTERVAL_S < 2
+    monkeypatch.setenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR, "3")
+    torch_trainer(train_loop_per_worker=lambda config: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+    assert get_env_vars_to_propagate()[HEALTH_CHECK_INTERVAL_S_ENV_VAR] == "3"
+
+
 def test_refinement_stage_trains_after_a_given_stage1_and_both_run_in_inference(ray_local, sample_manifest_copy, tmp_path):
     """`--config ellipse_refine --stage1-model FILE`: stage 1 is taken from the file, the refinement stage trains through
     Ray Data + Ray Train into RUN_DIR/refinement/, model.pt holds both, and `infer` runs both in the same actors."""
