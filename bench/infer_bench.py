@@ -61,14 +61,16 @@ def seed_style_loop(paths: list[str], batch_size: int = 8) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
-def plain_loop(paths: list[str], model_path: str, batch_size: int, precision: str) -> float:
+def plain_loop(paths: list[str], pixel_spacing_mm: list[float], model_path: str, batch_size: int, precision: str) -> float:
     """The shipped model and settings (the same precision, both stages), in one process, no Ray: the actors' own
-    class called on batches of rows, so decoding, both stages, the size line and the review flag are all included."""
+    class called on batches of the manifest's rows, so decoding, both stages, the size line, the review flag and the
+    second measurement of flagged frames (which needs the review signals in mm, so the pixel spacing) are all included."""
     started = time.perf_counter()  # model load included, as in the actors
     predictor = LandmarkPredictor(model_path, threads=torch.get_num_threads(), precision=precision)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        predictor({"image_path": np.array(chunk, dtype=object), "pixel_spacing_mm": np.full(len(chunk), np.nan), "run_id": np.full(len(chunk), "plain", dtype=object)})
+        predictor({"image_path": np.array(chunk, dtype=object), "pixel_spacing_mm": np.array(pixel_spacing_mm[start:start + batch_size], dtype=float),
+                   "run_id": np.full(len(chunk), "plain", dtype=object)})
     return len(paths) / (time.perf_counter() - started)
 
 
@@ -107,13 +109,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         manifest = build_archive(args.hc18, args.copies, folder)
         os.sync()  # the archive's writeback would otherwise land in the first timed run
-        paths = pd.read_csv(manifest)["image_path"].tolist()
+        archive = pd.read_csv(manifest)
+        paths, pixel_spacing_mm = archive["image_path"].tolist(), archive["pixel_spacing_mm"].tolist()
         for repeat in range(args.repeats):
             run = {"infer": {}}
             for variant in args.variants:
                 seconds, record = fetalpipe_infer(manifest, os.path.join(folder, f"out-{repeat}-{variant}"), args.model, variant, args.batch_size, precision)
                 run["infer"][variant] = {"end_to_end": len(paths) / seconds, "pipeline": record["timings"]["images_per_second"], "ok_rows": record["counts"]["ok"]}
-            run["plain"] = plain_loop(paths, args.model, args.batch_size, precision)
+            run["plain"] = plain_loop(paths, pixel_spacing_mm, args.model, args.batch_size, precision)
             run["seed"] = seed_style_loop(paths[: args.seed_images])
             runs.append(run)
             print(json.dumps(run), flush=True)
