@@ -106,6 +106,19 @@ def build_variant(name: str, table: pd.DataFrame, folder: str) -> str:
     return manifest
 
 
+def worst_frame(output_dir: str, name: str) -> dict:
+    """The frame whose |HC error| grows most from its clean measurement to this variant's (each variant holds the same
+    frames under the clean one's file names), how much, and the variant's excess over clean without that frame:
+    whether a variant's excess is one frame or all of them."""
+    def errors(variant: str) -> pd.Series:
+        table = pd.read_csv(os.path.join(output_dir, "predictions", variant, "report", "per_image_errors.csv"))
+        return table.set_index(table["image_path"].map(os.path.basename))["hc_ellipse_diff_mm"].abs()
+
+    excess = (errors(name) - errors("clean")).dropna()
+    frame = str(excess.idxmax())
+    return {"frame": frame, "excess_mm": float(excess[frame]), "hc_mae_excess_without_it_mm": float(excess.drop(frame).mean())}
+
+
 def totals(results: dict[str, dict]) -> dict:
     """All sets together: the mean of the variants' HC MAEs and the sum of their excesses over the clean images, and the
     review flag over every set's images, the clean ones included (as `review_curve.py` pools them): the share flagged,
@@ -167,14 +180,21 @@ def main() -> None:
         results[name] = {"images": summary["rows"], "heads_found": summary["ok"], "seconds": round(time.perf_counter() - started, 1), **metrics}
         print(f"{name}: HC MAE {metrics['hc_ellipse_mae_mm']:.3f} mm, {summary['rows'] - summary['ok']} lost", flush=True)
     clean = results.get("clean", {}).get("hc_ellipse_mae_mm")
-    print("\n| variant | images | heads lost | HC MAE (mm) | vs clean (mm) | images > 5 mm | flagged | of those > 5 mm, flagged |")
-    print("|---|---|---|---|---|---|---|---|")
+    if clean is not None:
+        for name in results:
+            if name != "clean":
+                results[name]["worst_frame"] = worst_frame(args.output, name)
+    print("\n| variant | images | heads lost | HC MAE (mm) | vs clean (mm) | images > 5 mm | flagged | of those > 5 mm, flagged "
+          "| the frame that worsens most (mm) | vs clean without it (mm) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, result in results.items():
         delta = f"{result['hc_ellipse_mae_mm'] - clean:+.2f}" if clean is not None else "—"
         caught = result.get("flagged_of_images_over_5mm")
+        worst = result.get("worst_frame")
+        worst_cells = ("—", "—") if worst is None else (f"{worst['frame']} (+{worst['excess_mm']:.1f})", f"{worst['hc_mae_excess_without_it_mm']:+.2f}")
         print(f"| {name} | {result['images']} | {result['images'] - result['heads_found']} | {result['hc_ellipse_mae_mm']:.2f} | {delta} | "
               f"{result['hc_ellipse_images_over_5mm']} | {100 * result.get('flagged_fraction', 0):.1f} % | "
-              f"{'—' if caught is None else f'{100 * caught:.0f} %'} |")
+              f"{'—' if caught is None else f'{100 * caught:.0f} %'} | {worst_cells[0]} | {worst_cells[1]} |")
     total = totals(results)
     print_totals({model_path: total})
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
