@@ -108,11 +108,11 @@ def build_variant(name: str, table: pd.DataFrame, folder: str) -> str:
 
 def worst_frame(output_dir: str, name: str) -> dict:
     """The frame whose |HC error| grows most from its clean measurement to this variant's (each variant holds the same
-    frames under the clean one's file names), how much, and the variant's excess over clean without that frame:
-    whether a variant's excess is one frame or all of them."""
+    frames under the clean one's file names, JPEG's with its own extension), how much, and the variant's excess over
+    clean without that frame: whether a variant's excess is one frame or all of them."""
     def errors(variant: str) -> pd.Series:
         table = pd.read_csv(os.path.join(output_dir, "predictions", variant, "report", "per_image_errors.csv"))
-        return table.set_index(table["image_path"].map(os.path.basename))["hc_ellipse_diff_mm"].abs()
+        return table.set_index(table["image_path"].map(lambda path: os.path.splitext(os.path.basename(path))[0]))["hc_ellipse_diff_mm"].abs()
 
     excess = (errors(name) - errors("clean")).dropna()
     frame = str(excess.idxmax())
