@@ -105,9 +105,9 @@ def main() -> None:
     parser.add_argument("--hc18", default="../shared/data/hc18")
     parser.add_argument("--copies", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed-images", type=int, default=335,
-                        help="the seed loop is slow (about 5 img/s on 2 cores): timed on this many images. At 96 (18 s) its spread "
-                             "between repeats, 5.0-6.05 img/s, moved the ratio more than anything in fetalpipe infer did")
+    parser.add_argument("--seed-images", type=int, default=None,
+                        help="time the seed loop on this many images instead of all of them (it runs about 5-7 img/s on 2 cores): "
+                             "its first batches are the slowest, so a short sample overstates the ratio (BENCHMARKS.md)")
     parser.add_argument("--model", default=DEFAULT_MODEL_PATH)
     parser.add_argument("--variants", nargs="+", default=["actors:2x1"], help="DECODE_IN:ACTORSxTHREADS; the first is the headline")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -129,7 +129,7 @@ def main() -> None:
                 seconds, record = fetalpipe_infer(manifest, os.path.join(folder, f"out-{repeat}-{variant}"), args.model, variant, args.batch_size, precision)
                 run["infer"][variant] = {"end_to_end": len(paths) / seconds, "pipeline": record["timings"]["images_per_second"], "ok_rows": record["counts"]["ok"]}
             run["plain"], run["frames_measured_again"] = plain_loop(paths, pixel_spacing_mm, args.model, args.batch_size, precision)
-            run["seed"] = seed_style_loop(paths[: args.seed_images])
+            run["seed"] = seed_style_loop(paths[: args.seed_images] if args.seed_images else paths)
             runs.append(run)
             print(json.dumps(run), flush=True)
     median = lambda values: float(np.median(values))
@@ -152,7 +152,7 @@ def main() -> None:
         "seed_loop_img_per_s": round(median([r["seed"] for r in runs]), 2),
         "frames_measured_again": runs[-1]["frames_measured_again"],  # by the plain loop: flagged frames turned upright or brightened
         "headline_variant": headline,
-        "settings": {"batch_size": args.batch_size, "model": os.path.basename(args.model), "precision": precision, "seed_images": args.seed_images},
+        "settings": {"batch_size": args.batch_size, "model": os.path.basename(args.model), "precision": precision, "seed_images": args.seed_images or len(paths)},
         "runs": runs,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
