@@ -106,8 +106,8 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed-images", type=int, default=None,
-                        help="time the seed loop on this many images instead of all of them (it runs about 5-7 img/s on 2 cores): "
-                             "its first batches are the slowest, so a short sample overstates the ratio (BENCHMARKS.md)")
+                        help="time the seed loop on this many images instead of all of them (it runs about 5-6 img/s on 2 cores). "
+                             "The goal compares on the whole archive; a short sample follows the VM's speed of the moment (BENCHMARKS.md)")
     parser.add_argument("--model", default=DEFAULT_MODEL_PATH)
     parser.add_argument("--variants", nargs="+", default=["actors:2x1"], help="DECODE_IN:ACTORSxTHREADS; the first is the headline")
     parser.add_argument("--batch-size", type=int, default=64)
