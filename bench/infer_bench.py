@@ -129,7 +129,7 @@ def main() -> None:
                 seconds, record = fetalpipe_infer(manifest, os.path.join(folder, f"out-{repeat}-{variant}"), args.model, variant, args.batch_size, precision)
                 run["infer"][variant] = {"end_to_end": len(paths) / seconds, "pipeline": record["timings"]["images_per_second"], "ok_rows": record["counts"]["ok"]}
             run["plain"], run["frames_measured_again"] = plain_loop(paths, pixel_spacing_mm, args.model, args.batch_size, precision)
-            run["seed"] = seed_style_loop(paths[: args.seed_images] if args.seed_images else paths)
+            run["seed"] = seed_style_loop(paths[: args.seed_images])  # None: all of them
             runs.append(run)
             print(json.dumps(run), flush=True)
     median = lambda values: float(np.median(values))

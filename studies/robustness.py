@@ -106,15 +106,17 @@ def build_variant(name: str, table: pd.DataFrame, folder: str) -> str:
     return manifest
 
 
-def worst_frame(output_dir: str, name: str) -> dict:
-    """The frame whose |HC error| grows most from its clean measurement to this variant's (each variant holds the same
-    frames under the clean one's file names, JPEG's with its own extension), how much, and the variant's excess over
-    clean without that frame: whether a variant's excess is one frame or all of them."""
-    def errors(variant: str) -> pd.Series:
-        table = pd.read_csv(os.path.join(output_dir, "predictions", variant, "report", "per_image_errors.csv"))
-        return table.set_index(table["image_path"].map(lambda path: os.path.splitext(os.path.basename(path))[0]))["hc_ellipse_diff_mm"].abs()
+def frame_errors(output_dir: str, variant: str) -> pd.Series:
+    """|HC error| (mm) of each frame of a variant, by file name without extension (each variant holds the same frames
+    under the clean one's names, JPEG's with its own extension)."""
+    table = pd.read_csv(os.path.join(output_dir, "predictions", variant, "report", "per_image_errors.csv"))
+    return table.set_index(table["image_path"].map(lambda path: os.path.splitext(os.path.basename(path))[0]))["hc_ellipse_diff_mm"].abs()
 
-    excess = (errors(name) - errors("clean")).dropna()
+
+def worst_frame(variant_errors: pd.Series, clean_errors: pd.Series) -> dict:
+    """The frame whose |HC error| grows most from its clean measurement to this variant's (`frame_errors` of each), how
+    much, and the variant's excess over clean without that frame: whether a variant's excess is one frame or all of them."""
+    excess = (variant_errors - clean_errors).dropna()
     frame = str(excess.idxmax())
     return {"frame": frame, "excess_mm": float(excess[frame]), "hc_mae_excess_without_it_mm": float(excess.drop(frame).mean())}
 
@@ -181,9 +183,10 @@ def main() -> None:
         print(f"{name}: HC MAE {metrics['hc_ellipse_mae_mm']:.3f} mm, {summary['rows'] - summary['ok']} lost", flush=True)
     clean = results.get("clean", {}).get("hc_ellipse_mae_mm")
     if clean is not None:
+        clean_errors = frame_errors(args.output, "clean")
         for name in results:
             if name != "clean":
-                results[name]["worst_frame"] = worst_frame(args.output, name)
+                results[name]["worst_frame"] = worst_frame(frame_errors(args.output, name), clean_errors)
     print("\n| variant | images | heads lost | HC MAE (mm) | vs clean (mm) | images > 5 mm | flagged | of those > 5 mm, flagged "
           "| the frame that worsens most (mm) | vs clean without it (mm) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

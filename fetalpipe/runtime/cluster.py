@@ -26,7 +26,7 @@ PLACEMENT_GROUP_CLEANER_POLL_TIMEOUT_S = 1
 PLACEMENT_GROUP_CLEANER_STOP_WAIT_S = 0.5
 
 # Ray Train's controller polls its workers every 2 s by default, and only a poll sees that training has ended: on a
-# 1-epoch run, 2.5-3.1 s passed between rank 0's last checkpoint and "Shutting down 2 workers", 0.9 s at 0.5 s
+# 1-epoch run, 2.5-2.9 s passed between rank 0's last checkpoint and "Shutting down 2 workers", 0.9 s at 0.5 s
 # (docs/performance.md). A poll is one small actor call per worker. A value the user set in the environment wins.
 TRAIN_HEALTH_CHECK_INTERVAL_S = 0.5
 
