@@ -79,6 +79,7 @@ def test_contract_errors_resume_and_idempotency(ray_local, tiny_model_path, arch
 
     summary = run_inference(options)
     assert summary["processed_this_run"] == 10 - 3  # resume: only what was not done
+    assert summary["ok_without_spacing"] == 0  # the DICOM row has no spacing in the manifest, and its file gives one
     parquet = read_predictions(str(output))
     csv = pd.read_csv(output / "predictions.csv")
     for column in ("error", "review_reason"):
@@ -109,7 +110,8 @@ def test_contract_errors_resume_and_idempotency(ray_local, tiny_model_path, arch
     assert len(os.listdir(output / "overlays")) == 5
     assert "<span id='count-error'>5</span>" in (output / "report.html").read_text()
     record = json.loads((output / "run.json").read_text())
-    assert record["counts"] == {"rows": 10, "ok": 5, "error": 5, "needs_review": int(csv["needs_review"].astype(bool).sum()), "processed_this_run": 7}
+    assert record["counts"] == {"rows": 10, "ok": 5, "error": 5, "needs_review": int(csv["needs_review"].astype(bool).sum()), "ok_without_spacing": 0,
+                                "processed_this_run": 7}
     assert record["model_sha256"] == ok["model_sha256"].iloc[0]
 
     # Rerun: nothing to do, identical rows, also for a file whose time changed but not its content (a copy, a touch).
@@ -136,7 +138,7 @@ def test_contract_errors_resume_and_idempotency(ray_local, tiny_model_path, arch
     assert len(read_predictions(str(output))) == 10
 
 
-def test_folder_input_and_overwrite(ray_local, tiny_model_path, tmp_path):
+def test_folder_input_and_overwrite(ray_local, tiny_model_path, tmp_path, capsys):
     folder = tmp_path / "images"
     folder.mkdir()
     for name in ("a.png", "b.png"):
@@ -147,6 +149,13 @@ def test_folder_input_and_overwrite(ray_local, tiny_model_path, tmp_path):
     assert summary["rows"] == 2 and summary["ok"] == 2
     csv = pd.read_csv(output / "predictions.csv")
     assert csv["hc_mm"].isna().all()  # no spacing known: no mm
+    # ... and the run says so, before it starts and at its end, and so do run.json and the report: without a spacing the
+    # review flag loses its signals in mm, and with them most of what it catches.
+    printed = capsys.readouterr().out
+    assert re.search(r"\n  spacing +none for 2 of the 2 images", printed) and re.search(r"\n  no spacing +2 ok rows: no mm columns, and a weaker review flag", printed)
+    assert summary["ok_without_spacing"] == 2
+    assert json.loads((output / "run.json").read_text())["counts"]["ok_without_spacing"] == 2
+    assert "2 ok rows have no pixel spacing" in (output / "report.html").read_text()
     redo = run_inference(InferOptions(output_dir=str(output), input_glob=str(folder), model_path=tiny_model_path, actors=1, overwrite=True))
     assert redo["processed_this_run"] == 2 and redo["rows"] == 2
 

@@ -28,7 +28,7 @@ from fetalpipe import LANDMARK_COLUMNS, __version__
 from fetalpipe.data.imaging import ResizeTransform
 from fetalpipe.measure.biometry import biometry_mm, canonical_order
 from fetalpipe.measure.clinical import clinical_columns
-from fetalpipe.pipeline.predictions import (NUMERIC_MANIFEST_COLUMNS, OUTPUT_COLUMNS, RESUME_COLUMNS, REVIEW_SIGNAL_COLUMNS, compact_if_needed,
+from fetalpipe.pipeline.predictions import (NO_SPACING_CONSEQUENCE, NUMERIC_MANIFEST_COLUMNS, OUTPUT_COLUMNS, RESUME_COLUMNS, REVIEW_SIGNAL_COLUMNS, compact_if_needed,
                                             newest_per_image, read_predictions, write_batch)
 from fetalpipe.runtime import console, storage
 
@@ -530,13 +530,17 @@ def run_inference(options: InferOptions) -> dict:
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     hint = " (this model file has no int8 parameters: `fetalpipe calibrate` adds them)" if options.precision == "auto" and precision == "fp32" else ""
     log_path = console.ray_log_location(output_dir, f"ray-{run_id}.log")
-    console.header("infer --dry-run" if options.dry_run else "infer", {
+    header = {
         "input": f"{options.manifest or options.input_glob}: {len(inputs)} images, {len(inputs) - len(pending)} already done, {len(pending)} to process",
         "model": f"{model_path} (sha256 {model_sha256[:12]}…, {precision}{hint})",
         "actors": f"{options.actors} × {options.threads_per_actor} thread(s), batches of {effective_batch_size(len(pending), options)}",
         "output": output_dir,
         "Ray log": "this console (--verbose)" if options.verbose else log_path,
-    })
+    }
+    without_spacing = rows_without_spacing(pending)
+    if without_spacing:
+        header["spacing"] = f"none for {without_spacing} of the {len(pending)} images (not DICOM files): {NO_SPACING_CONSEQUENCE}; add pixel_spacing_mm to the manifest"
+    console.header("infer --dry-run" if options.dry_run else "infer", header)
     if options.dry_run:
         return print_plan(pending, unreadable, len(inputs), time.perf_counter() - started)
 
@@ -559,6 +563,7 @@ def run_inference(options: InferOptions) -> dict:
     summary = {
         "rows": int(len(final)), "ok": int((final["status"] == "ok").sum()), "error": int((final["status"] == "error").sum()),
         "needs_review": int(final["needs_review"].fillna(False).astype(bool).sum()) if "needs_review" in final else 0,
+        "ok_without_spacing": int(((final["status"] == "ok") & final.get("pixel_spacing_mm", pd.Series(np.nan, index=final.index)).isna()).sum()),
         "processed_this_run": int(len(pending)), "seconds": round(time.perf_counter() - started, 3),
         "pipeline_seconds": round(pipeline_seconds, 3),
         "images_per_second": round(len(pending) / pipeline_seconds, 2) if pipeline_seconds else None,
@@ -566,7 +571,7 @@ def run_inference(options: InferOptions) -> dict:
     run_record = {
         "run_id": run_id, "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "options": asdict(options), "model_path": model_path, "model_sha256": model_sha256,
-        "precision": precision, "versions": _versions(), "counts": {k: summary[k] for k in ("rows", "ok", "error", "needs_review", "processed_this_run")},
+        "precision": precision, "versions": _versions(), "counts": {k: summary[k] for k in ("rows", "ok", "error", "needs_review", "ok_without_spacing", "processed_this_run")},
         "timings": {k: summary[k] for k in ("seconds", "pipeline_seconds", "images_per_second")},
         "command": " ".join(["fetalpipe", *sys.argv[1:]]) if os.path.basename(sys.argv[0]) == "fetalpipe" else " ".join(sys.argv),
         "input": options.manifest or options.input_glob,
@@ -616,11 +621,19 @@ def print_plan(pending: pd.DataFrame, unreadable: int, inputs: int, seconds: flo
 
 
 def print_summary(summary: dict) -> None:
-    """The last lines of a run: counts, time, and where every output is."""
+    """The last lines of a run: counts, time, where every output is, and the ok rows measured without a pixel spacing."""
     rate = f", {summary['images_per_second']:.1f} img/s" if summary["images_per_second"] else ""
+    notes = {"no spacing": f"{summary['ok_without_spacing']} ok rows: {NO_SPACING_CONSEQUENCE}"} if summary.get("ok_without_spacing") else {}
     console.summary(
         f"fetalpipe infer: {summary['rows']} rows ({summary['ok']} ok, {summary['error']} error, {summary['needs_review']} need review); "
-        f"{summary['processed_this_run']} processed in {summary['seconds']:.1f} s{rate}", summary["outputs"])
+        f"{summary['processed_this_run']} processed in {summary['seconds']:.1f} s{rate}", {**summary["outputs"], **notes})
+
+
+def rows_without_spacing(table: pd.DataFrame) -> int:
+    """Rows with no pixel spacing in the manifest, DICOM files aside (they usually carry their own)."""
+    spacing = pd.to_numeric(table["pixel_spacing_mm"], errors="coerce") if "pixel_spacing_mm" in table else pd.Series(np.nan, index=table.index)
+    is_dicom_name = table["image_path"].astype(str).str.lower().str.endswith((".dcm", ".dicom"))
+    return int((spacing.isna() & ~is_dicom_name).sum())
 
 
 def input_dataset(pending: pd.DataFrame, options: InferOptions, run_id: str):

@@ -19,6 +19,7 @@ import pandas as pd
 
 from fetalpipe.measure.clinical import CENTILE_Z, hc_for_centile_mm
 from fetalpipe.pipeline import svg_plots
+from fetalpipe.pipeline.predictions import NO_SPACING_CONSEQUENCE
 from fetalpipe.runtime import storage
 
 MAX_GALLERY_IMAGES = 48
@@ -62,7 +63,7 @@ def render_report(predictions: pd.DataFrame, run: dict, output_dir: str) -> str:
         f"<h1>fetalpipe run report</h1><p class='note'>Written {html.escape(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))} "
         f"from <code>{html.escape(storage.absolute(output_dir))}</code>.</p>",
         _provenance(run),
-        _counts(len(predictions), len(ok), len(errors), len(flagged), run),
+        _counts(len(predictions), len(ok), len(errors), len(flagged), run, without_spacing=int(ok["pixel_spacing_mm"].isna().sum()) if "pixel_spacing_mm" in ok else len(ok)),
         _distributions(ok),
         _error_table(errors),
         _gallery("Flagged for review", "flagged", flagged, output_dir, "review_reason"),
@@ -101,7 +102,7 @@ def _provenance(run: dict) -> str:
     return "<h2>Provenance</h2>" + _table(rows)
 
 
-def _counts(rows: int, ok: int, error: int, flagged: int, run: dict) -> str:
+def _counts(rows: int, ok: int, error: int, flagged: int, run: dict, without_spacing: int = 0) -> str:
     timings = run.get("timings", {})
     counts = run.get("counts", {})
     rate = timings.get("images_per_second")
@@ -113,7 +114,9 @@ def _counts(rows: int, ok: int, error: int, flagged: int, run: dict) -> str:
     ]
     timing = (f"The last run processed {counts.get('processed_this_run', '?')} images in {timings.get('seconds', '?')} s"
               + (f" ({rate} img/s through the model actors)" if rate else "") + ".") if timings else ""
-    return "<h2>Counts</h2>" + _table(cells, "counts") + f"<p class='note'>{html.escape(timing)}</p>"
+    spacing = (f"<p id='no-spacing'>{without_spacing} ok rows have no pixel spacing: {html.escape(NO_SPACING_CONSEQUENCE)}. "
+               "Give the manifest a <code>pixel_spacing_mm</code> column.</p>") if without_spacing else ""
+    return "<h2>Counts</h2>" + _table(cells, "counts") + f"<p class='note'>{html.escape(timing)}</p>" + spacing
 
 
 def _svg_data_uri(svg: str) -> str:
