@@ -95,14 +95,23 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from fetalpipe.pipeline.calibrate import calibrate_model
+    from fetalpipe.pipeline.calibrate import add_rule_without_spacing, calibrate_model
     from fetalpipe.runtime import console
 
     output_folder = args.output.rsplit("/", 1)[0] if "://" in args.output else os.path.dirname(os.path.abspath(args.output))
     with console.ray_logs_to_file(console.ray_log_location(output_folder, f"calibrate-{time.strftime('%Y%m%dT%H%M%S')}.log"), args.verbose):
-        summary = calibrate_model(args.model, args.manifest, args.output, ray_address=args.address)
-    print(f"HC error on the training split = {summary['intercept_mm']:+.3f} mm {summary['slope']:+.5f} × HC; "
-          f"HC MAE {summary['train_hc_mae_mm_before']:.3f} -> {summary['train_hc_mae_mm_after']:.3f} mm over {summary['images']} images")
+        if args.add_rule_without_spacing:
+            report = add_rule_without_spacing(args.model, args.manifest, args.output, ray_address=args.address)
+        else:
+            summary = calibrate_model(args.model, args.manifest, args.output, ray_address=args.address)
+            report = summary["review_without_spacing"]
+    if not args.add_rule_without_spacing:
+        print(f"HC error on the training split = {summary['intercept_mm']:+.3f} mm {summary['slope']:+.5f} × HC; "
+              f"HC MAE {summary['train_hc_mae_mm_before']:.3f} -> {summary['train_hc_mae_mm_after']:.3f} mm over {summary['images']} images")
+        print(f"review flag: flags {summary['review']['flagged_fraction']:.1%} of the split, {summary['review']['caught_fraction']:.0%} of its images above "
+              f"{summary['review']['large_error_mm']:g} mm")
+    print(f"review flag without a pixel spacing: flags {report['flagged_fraction']:.1%} of the split, {report['caught_fraction']:.0%} of its images "
+          f"off by more than {report['large_error_fraction']:.0%} of HC")
     print(f"model: {args.output}")
     return 0
 
@@ -179,10 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="only plan: validate the manifest, check what OUT already holds, list the missing or unreadable files; start and write nothing")
     command.set_defaults(handler=_cmd_infer)
 
-    command = commands.add_parser("calibrate", help="choose int8 parameters and fit the size calibration on the model's training split; write the calibrated model")
+    command = commands.add_parser("calibrate", help="choose int8 parameters and fit the size calibration and the review rules on the model's training split; write the calibrated model")
     command.add_argument("--model", required=True, help="a trained model.pt")
     command.add_argument("--manifest", required=True, help="the manifest it was trained on (split by subject_id as in training)")
     command.add_argument("--output", required=True, help="where the calibrated model goes (the training split's measurement stays in OUTPUT.calibration/)")
+    command.add_argument("--add-rule-without-spacing", action="store_true",
+                         help="for a model calibrated before the review flag had a rule for rows without a pixel spacing: add that rule, "
+                              "measured with the file's own int8 parameters, and change nothing else")
     command.add_argument("--address", help=ADDRESS_HELP)
     command.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console (default: logs/ray.log beside OUTPUT)")
     command.set_defaults(handler=_cmd_calibrate)

@@ -345,14 +345,13 @@ def test_a_flagged_dark_frame_is_measured_again_brightened_and_kept_only_where_s
     The brightened measurement replaces frame 0's (surer, lower score), not frame 4's (stage 1 less sure) nor frame 5's
     (a higher score)."""
     from fetalpipe.data.imaging import TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN, content_median
-    from fetalpipe.measure.review import ReviewRule
-    from fetalpipe.pipeline.infer import LandmarkPredictor
-    from fetalpipe.pipeline.predictions import REVIEW_SIGNAL_COLUMNS
+    from fetalpipe.measure.review import ReviewRule, ReviewRules
+    from fetalpipe.pipeline.infer import SIGNAL_KEYS, LandmarkPredictor
 
     predictor = _stub_stage1(None)
     # flagged where log(stage disagreement in mm) − (confidence − 0.9) / 0.1 > 0
-    predictor.review_rule = ReviewRule(signals=("stage_disagreement_mm", "confidence"), mean=(0.0, 0.9), scale=(1.0, 0.1),
-                                       weights=(1.0, -1.0), bias=0.0, threshold=0.0)
+    predictor.review_rules = ReviewRules(ReviewRule(signals=("stage_disagreement_mm", "confidence"), mean=(0.0, 0.9), scale=(1.0, 0.1),
+                                                    weights=(1.0, -1.0), bias=0.0, threshold=0.0))
     levels = [0.05, 0.4, 0.05, 0.05, 0.05, 0.05]  # each frame's content median
     batch = {"original_pixels": np.empty(6, dtype=object), "pixel_spacing_mm": np.full(6, 0.1)}
     batch["original_pixels"][:] = [np.full((90, 120), level, np.float32) for level in levels]
@@ -362,7 +361,7 @@ def test_a_flagged_dark_frame_is_measured_again_brightened_and_kept_only_where_s
     batch["scan_region"][1] = (30, 20, 60, 50)
     first_points = np.stack([_ellipse_endpoints(60, 45, 40, 30)] * 6)
     points, confidence, scale = first_points.copy(), np.full(6, 0.9), np.ones(6)
-    signals = {name: np.full(6, 0.5) for name in REVIEW_SIGNAL_COLUMNS}
+    signals = {name: np.full(6, 0.5) for name in SIGNAL_KEYS}
     signals["stage_disagreement_mm"] = np.array([3.0, 3.0, 3.0, 0.5, 3.0, 3.0])
     retried_levels = []
     brightened_points = _ellipse_endpoints(61, 46, 42, 31)
@@ -370,7 +369,7 @@ def test_a_flagged_dark_frame_is_measured_again_brightened_and_kept_only_where_s
     def measure(images, transforms, originals, candidates, pixel_spacing_mm):
         retried_levels.extend(content_median(pixels) for pixels in originals)
         count = len(originals)  # frames 0, 4, 5 in that order
-        retry_signals = {name: np.full(count, 0.5) for name in REVIEW_SIGNAL_COLUMNS}
+        retry_signals = {name: np.full(count, 0.5) for name in SIGNAL_KEYS}
         retry_signals["stage_disagreement_mm"] = np.array([0.5, 0.5, 10.0])
         return np.stack([brightened_points] * count), np.array([0.95, 0.85, 0.95]), np.full(count, 1.01), retry_signals
 
@@ -410,9 +409,10 @@ def test_a_flagged_frame_turned_with_its_scan_is_measured_upright_and_its_points
         return output["hc_ellipse_mm"], np.stack([np.stack([output[f"{name}_x"], output[f"{name}_y"]], axis=1) for name in ("ofd1", "ofd2", "bpd1", "bpd2")], axis=1)
 
     clean_hc_mm, clean_points = measure(paths)
-    predictor.review_rule = dataclasses.replace(predictor.review_rule, threshold=float("inf"))  # flags none
+    rule = predictor.review_rules.with_spacing
+    predictor.review_rules = dataclasses.replace(predictor.review_rules, with_spacing=dataclasses.replace(rule, threshold=float("inf")))  # flags none
     as_turned_hc_mm, as_turned_points = measure(turned_paths)
-    predictor.review_rule = dataclasses.replace(predictor.review_rule, threshold=float("-inf"))  # flags every frame
+    predictor.review_rules = dataclasses.replace(predictor.review_rules, with_spacing=dataclasses.replace(rule, threshold=float("-inf")))  # flags every frame
     upright_hc_mm, upright_points = measure(turned_paths)
     assert not np.allclose(upright_points, as_turned_points)  # the second measurement replaced the first
     clean_centres = np.stack([m[:, :2] @ c.mean(axis=0) + m[:, 2] for m, c in zip(maps, clean_points)])  # in the turned frame

@@ -126,3 +126,52 @@ def test_a_rule_stored_without_its_log_scale_reads_as_fitted_with_todays():
     assert again.log_scale_signals == LOG_SCALE_SIGNALS
     table = pd.DataFrame({"stage_disagreement_mm": [0.01, 0.1], "axis_ratio": [0.8, 0.8]})
     assert again.score(table) == pytest.approx([0.0, 2 * np.log(10)])
+
+
+def test_rows_without_a_pixel_spacing_are_scored_by_the_rule_without_one():
+    """A model's two rules (`ReviewRules`): a row with a spacing by the rule in mm, a row without by the rule on
+    fractions of the head, whose reason says so; the margins (score − threshold) are each row's own rule's."""
+    from fetalpipe.measure.review import ReviewRules
+
+    in_mm = _hand_rule()
+    as_fraction = ReviewRule(signals=("stage_disagreement_fraction",), mean=(float(np.log(0.001)),), scale=(1.0,), weights=(1.0,), bias=0.0,
+                             threshold=1.0, log_scale_signals=("stage_disagreement_fraction",))
+    table = pd.DataFrame({"stage_disagreement_mm": [0.1, 0.01, np.nan, np.nan], "axis_ratio": [0.8, 0.8, 0.8, 0.8],
+                          "stage_disagreement_fraction": [0.0001, 0.01, 0.01, 0.001]})
+    has_spacing = np.array([True, True, False, False])
+    rules = ReviewRules(in_mm, as_fraction)
+    needs_review, reasons = rules.apply(table, has_spacing)
+    assert needs_review.tolist() == [True, False, True, False]  # row 0 by its mm signal; row 2 by its fraction alone
+    assert reasons[0].startswith("review score 4.61 > 1.00: stage_disagreement_mm 0.1 (high)")
+    assert reasons[2].startswith("review score (no pixel spacing) 2.30 > 1.00: stage_disagreement_fraction 0.01 (high)")
+    np.testing.assert_allclose(rules.margin(table, has_spacing), [2 * np.log(10) - 1, -1, np.log(10) - 1, -1], atol=1e-9)
+    # A model calibrated before the rule without spacing existed scores every row by the rule in mm, as it did.
+    alone = ReviewRules(in_mm)
+    assert alone.apply(table, has_spacing)[0].tolist() == [True, False, False, False]
+    assert ReviewRules.from_payload({"review": in_mm.to_dict()}) == alone
+    assert ReviewRules.from_payload({"review": in_mm.to_dict(), "review_without_spacing": as_fraction.to_dict()}) == rules
+    assert ReviewRules.from_payload({}) is None
+
+
+def test_the_rule_without_spacing_is_fitted_on_fractions_of_the_head_and_errors_relative_to_it():
+    """`fit_without_spacing`: each length signal over the measured HC, and an image is a failure when its HC is off by
+    more than `LARGE_RELATIVE_ERROR` of the reference, whatever the head's size in mm."""
+    from fetalpipe.measure.review import LARGE_RELATIVE_ERROR, SPACING_FREE_SIGNALS, fit_without_spacing, relative_to_head
+
+    rng = np.random.default_rng(3)
+    count = 400
+    reference_hc_mm = rng.uniform(60, 340, count)
+    relative_error = rng.normal(0, 0.008, count)
+    bad = rng.choice(count, 24, replace=False)
+    relative_error[bad] = 0.06
+    measured_hc_mm = reference_hc_mm * (1 + relative_error)
+    fraction = rng.gamma(2.0, 0.002, count)
+    fraction[bad] = 0.03  # the failures show as a large disagreement relative to the head, small or large
+    table = pd.DataFrame({"stage_disagreement_mm": fraction * measured_hc_mm, "outline_fit_residual_mm": rng.gamma(2.0, 0.005, count),
+                          "outline_spread_mm": rng.uniform(0.5, 3.0, count), "axis_ratio": rng.uniform(0.7, 0.9, count),
+                          "confidence": rng.uniform(0.85, 0.95, count)})
+    np.testing.assert_allclose(relative_to_head(table, measured_hc_mm)["stage_disagreement_fraction"], fraction)
+    rule = fit_without_spacing(table, measured_hc_mm, reference_hc_mm, max_flagged_fraction=0.08)
+    assert set(rule.signals) <= set(SPACING_FREE_SIGNALS) and "stage_disagreement_fraction" in rule.signals
+    assert rule.fit_report["large_error_fraction"] == LARGE_RELATIVE_ERROR and rule.fit_report["large_errors"] == 24
+    assert rule.fit_report["caught_fraction"] >= 0.9 and rule.fit_report["flagged_fraction"] <= 0.09

@@ -18,10 +18,11 @@ class ModelFileError(ValueError):
 
 def save_model(path: str, state_dict: dict, train_config, metrics: dict | None = None, training: dict | None = None,
                calibration: dict | None = None, int8_quantization: dict | None = None, refinement_state_dict: dict | None = None,
-               review: dict | None = None, refinement_int8_quantization: dict | None = None) -> None:
+               review: dict | None = None, refinement_int8_quantization: dict | None = None, review_without_spacing: dict | None = None) -> None:
     """`refinement_state_dict`: the weights of the refinement stage that `train_config.refinement` describes.
     `refinement_int8_quantization`: as `int8_quantization`, for the refinement stage's network.
-    `review`: the review flag's rule (weights and threshold) fitted by `calibrate` (`review.ReviewRule`).
+    `review`: the review flag's rule (weights and threshold) fitted by `calibrate` (`review.ReviewRule`);
+    `review_without_spacing`: its rule for rows without a pixel spacing (`review.ReviewRules`).
     `calibration`: a fitted `calibration.SizeCalibration` with its report, applied by inference.
     `int8_quantization`: {observer: [scale, zero point]} from `quantize.observe_quantization` (plain numbers, so the
     torch-free header reader sees them), which lets inference run in int8."""
@@ -42,6 +43,8 @@ def save_model(path: str, state_dict: dict, train_config, metrics: dict | None =
         payload["refinement_state_dict"] = {key: value.detach().clone() for key, value in refinement_state_dict.items()}
     if review:
         payload["review"] = review
+    if review_without_spacing:
+        payload["review_without_spacing"] = review_without_spacing
     if refinement_int8_quantization:
         payload["refinement_int8_quantization"] = refinement_int8_quantization
     import io

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from fetalpipe.measure.calibration import SizeCalibration
-from fetalpipe.measure.review import ReviewRule
+from fetalpipe.measure.review import ReviewRule, fit_without_spacing
 from fetalpipe.runtime import storage
 
 
@@ -27,31 +27,18 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
     """Choose int8 quantization parameters on up to `quantize.CALIBRATION_IMAGES` images of the training split of
     `manifest_path` (the split the model was trained on), measure the whole split with that int8 model, fit the size
     line, and write the model with both to `output_path` (inference then runs in int8 by default; the line is fitted
-    on what int8 inference measures), fit the review flag's rule (`review.ReviewRule`) on the same measurement,
-    and write all three into the model file. The measurement stays in OUTPUT.calibration/
+    on what int8 inference measures), fit the review flag's rules on the same measurement (`review.ReviewRule` on the
+    signals in mm, and `review.fit_without_spacing` for rows without a pixel spacing), and write them all into the model file. The measurement stays in OUTPUT.calibration/
     (predictions and an evaluate report of the training split); like any inference output it must be on storage
     every node can reach. Returns the fit and the split's HC MAE before and after."""
-    import io
-
-    import pandas as pd
-
     from fetalpipe.data.imaging import clamp_brightness, read_image
-    from fetalpipe.data.manifest import load_manifest
     from fetalpipe.model.model_file import load_model, load_refinement_model, refinement_entries, save_model
     from fetalpipe.model.quantize import CALIBRATION_IMAGES, observe_quantization
-    from fetalpipe.pipeline.evaluate import evaluate_predictions
-    from fetalpipe.pipeline.infer import InferOptions, run_inference
     from fetalpipe.pipeline.preprocess import stage1_input
-    from fetalpipe.pipeline.train import split_by_subject
 
     model_path = storage.local_copy(model_path)
     model, config, payload = load_model(model_path)
-    table = load_manifest(manifest_path, require_landmarks=True)
-    train_table, _ = split_by_subject(table, config.val_fraction)
-    if len(train_table) == 0:
-        raise ValueError(f"{manifest_path}: no image is in the training split (by subject_id); calibrate on the manifest the model was trained on")
-    if "pixel_spacing_mm" not in train_table or train_table["pixel_spacing_mm"].isna().all():
-        raise ValueError(f"{manifest_path}: size calibration needs pixel_spacing_mm")
+    train_table = training_split(manifest_path, config)
     work_dir = storage.absolute(output_path) + ".calibration"
     storage.makedirs(work_dir)
     # Evenly spaced over the split, sorted by path: the same images on every rerun.
@@ -66,6 +53,54 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
         crops = polar_crops_around_references(config.refinement.codec(), decoded, train_table.set_index("image_path").loc[chosen])
         refinement_int8_quantization = observe_quantization(refinement, crops)
     weights = {**refinement_entries(payload), "refinement_int8_quantization": refinement_int8_quantization}
+    errors = measure_training_split(payload, config, int8_quantization, weights, train_table, work_dir, ray_address)
+    measured = (errors["reference_hc_mm"] + errors["hc_ellipse_diff_mm"]).to_numpy()
+    reference = errors["reference_hc_mm"].to_numpy()
+    calibration = SizeCalibration.fit(measured, reference)
+    calibrated = measured * calibration.scale(measured)
+    # The review rule, on the same measurement: signals after the size correction would move only the size-based
+    # ones by a percent, so the uncorrected rows are used as they are; the errors are the corrected ones.
+    review_rule = ReviewRule.fit(errors, np.abs(calibrated - reference))
+    # And the rule for rows without a pixel spacing, which get no size line: the errors before it, as fractions of the head.
+    review_rule_without_spacing = fit_without_spacing(errors, measured, reference)
+    summary = {
+        **calibration.to_dict(), "manifest": manifest_path, "split": "train",
+        "train_hc_mae_mm_before": float(np.nanmean(np.abs(measured - reference))),
+        "train_hc_mae_mm_after": float(np.nanmean(np.abs(calibrated - reference))),
+        "measured_in": "int8", "int8_parameter_images": len(chosen),
+    }
+    summary["review"] = review_rule.fit_report
+    summary["review_without_spacing"] = review_rule_without_spacing.fit_report
+    save_model(output_path, payload["state_dict"], config, metrics=payload.get("metrics"), training=payload.get("training"), calibration=summary,
+               int8_quantization=int8_quantization, review=review_rule.to_dict(), review_without_spacing=review_rule_without_spacing.to_dict(), **weights)
+    return summary
+
+
+def training_split(manifest_path: str, config):
+    """The rows of the manifest's training split (by subject, as `train` split it), checked for what calibrating needs."""
+    from fetalpipe.data.manifest import load_manifest
+    from fetalpipe.pipeline.train import split_by_subject
+
+    train_table, _ = split_by_subject(load_manifest(manifest_path, require_landmarks=True), config.val_fraction)
+    if len(train_table) == 0:
+        raise ValueError(f"{manifest_path}: no image is in the training split (by subject_id); calibrate on the manifest the model was trained on")
+    if "pixel_spacing_mm" not in train_table or train_table["pixel_spacing_mm"].isna().all():
+        raise ValueError(f"{manifest_path}: size calibration needs pixel_spacing_mm")
+    return train_table
+
+
+def measure_training_split(payload: dict, config, int8_quantization: dict, weights: dict, train_table, work_dir: str, ray_address: str | None):
+    """The training split measured by `infer` in int8 with these weights and int8 parameters, without a size line or a
+    review rule (so without the second measurements the rule triggers), then by `evaluate`: its per-image errors and
+    signals, kept in WORK_DIR/report/."""
+    import io
+
+    import pandas as pd
+
+    from fetalpipe.model.model_file import save_model
+    from fetalpipe.pipeline.evaluate import evaluate_predictions
+    from fetalpipe.pipeline.infer import InferOptions, run_inference
+
     uncalibrated = storage.join(work_dir, "uncalibrated_model.pt")
     save_model(uncalibrated, payload["state_dict"], config, metrics=payload.get("metrics"), training=payload.get("training"),
                int8_quantization=int8_quantization, **weights)
@@ -77,21 +112,27 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
         evaluate_predictions(storage.join(work_dir, "inference"), split_manifest, storage.join(work_dir, "report"))
     finally:  # also when no head was found in the split (evaluate refuses): the temporary model never stays behind
         storage.remove(uncalibrated)
-    errors = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(work_dir, "report", "per_image_errors.csv"))))
-    measured = (errors["reference_hc_mm"] + errors["hc_ellipse_diff_mm"]).to_numpy()
-    reference = errors["reference_hc_mm"].to_numpy()
-    calibration = SizeCalibration.fit(measured, reference)
-    calibrated = measured * calibration.scale(measured)
-    # The review rule, on the same measurement: signals after the size correction would move only the size-based
-    # ones by a percent, so the uncorrected rows are used as they are; the errors are the corrected ones.
-    review_rule = ReviewRule.fit(errors, np.abs(calibrated - reference))
-    summary = {
-        **calibration.to_dict(), "manifest": manifest_path, "split": "train",
-        "train_hc_mae_mm_before": float(np.nanmean(np.abs(measured - reference))),
-        "train_hc_mae_mm_after": float(np.nanmean(np.abs(calibrated - reference))),
-        "measured_in": "int8", "int8_parameter_images": len(chosen),
-    }
-    summary["review"] = review_rule.fit_report
-    save_model(output_path, payload["state_dict"], config, metrics=payload.get("metrics"), training=payload.get("training"), calibration=summary,
-               int8_quantization=int8_quantization, review=review_rule.to_dict(), **weights)
-    return summary
+    return pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(work_dir, "report", "per_image_errors.csv"))))
+
+
+def add_rule_without_spacing(model_path: str, manifest_path: str, output_path: str, ray_address: str | None = None) -> dict:
+    """A calibrated model file with the review rule for rows without a pixel spacing added, and nothing else changed: the
+    training split measured with the file's own int8 parameters (as `calibrate` measured it), the rule fitted there.
+    For a model calibrated before that rule existed, whose other calibrated parts (int8 parameters, size line, rule
+    in mm) should stay as they were measured. Returns the rule's fit report."""
+    from fetalpipe.model.model_file import load_model, refinement_entries, save_model
+
+    model_path = storage.local_copy(model_path)
+    _, config, payload = load_model(model_path)
+    if not payload.get("int8_quantization") or not payload.get("review"):
+        raise ValueError(f"{model_path} is not calibrated (no int8 parameters or review rule): run `fetalpipe calibrate` on it")
+    train_table = training_split(manifest_path, config)
+    work_dir = storage.absolute(output_path) + ".calibration"
+    storage.makedirs(work_dir)
+    stage2 = {**refinement_entries(payload), "refinement_int8_quantization": payload.get("refinement_int8_quantization")}
+    errors = measure_training_split(payload, config, payload["int8_quantization"], stage2, train_table, work_dir, ray_address)
+    rule = fit_without_spacing(errors, (errors["reference_hc_mm"] + errors["hc_ellipse_diff_mm"]).to_numpy(), errors["reference_hc_mm"].to_numpy())
+    calibration = {**payload.get("calibration", {}), "review_without_spacing": rule.fit_report}
+    save_model(output_path, payload["state_dict"], config, metrics=payload.get("metrics"), training=payload.get("training"), calibration=calibration,
+               int8_quantization=payload["int8_quantization"], review=payload["review"], review_without_spacing=rule.to_dict(), **stage2)
+    return rule.fit_report

@@ -26,7 +26,8 @@ import pandas as pd
 
 from fetalpipe import LANDMARK_COLUMNS, __version__
 from fetalpipe.data.imaging import ResizeTransform
-from fetalpipe.measure.biometry import biometry_mm, canonical_order
+from fetalpipe.measure.biometry import biometry_mm, biometry_px, canonical_order
+from fetalpipe.measure.review import LENGTH_SIGNALS
 from fetalpipe.measure.clinical import clinical_columns
 from fetalpipe.pipeline.predictions import (NO_SPACING_CONSEQUENCE, NUMERIC_MANIFEST_COLUMNS, OUTPUT_COLUMNS, RESUME_COLUMNS, REVIEW_SIGNAL_COLUMNS, compact_if_needed,
                                             newest_per_image, read_predictions, write_batch)
@@ -190,6 +191,16 @@ def load_inference_model(model_path: str, precision: str):
     return inference_network(model, precision, payload.get("int8_quantization"), config.input_size), config, payload
 
 
+# The signals the actors compute per frame: the output's review signals, and the length signals as fractions of the head
+# that the rule for rows without a pixel spacing reads (`review.ReviewRules`; not output columns).
+SIGNAL_KEYS = (*REVIEW_SIGNAL_COLUMNS, *(name.replace("_mm", "_fraction") for name in LENGTH_SIGNALS))
+
+
+def has_spacing(pixel_spacing_mm) -> np.ndarray:
+    """Which rows have a pixel spacing: those are scored by the review rule in mm."""
+    return np.isfinite(np.asarray(pixel_spacing_mm, dtype=np.float64))
+
+
 # A frame measured again upright keeps that measurement unless stage 1's confidence there is lower by more than this: on
 # the speckle variant one frame turned upright was outlined at half its size, confidence 0.90 -> 0.58 (docs/experiments.md).
 UPRIGHT_CONFIDENCE_SLACK = 0.05
@@ -207,7 +218,7 @@ class LandmarkPredictor:
         import torch
 
         from fetalpipe.measure.calibration import SizeCalibration
-        from fetalpipe.measure.review import ReviewRule
+        from fetalpipe.measure.review import ReviewRules
         from fetalpipe.model.model_file import file_sha256, load_refinement_model
 
         torch.set_num_threads(threads)
@@ -215,7 +226,7 @@ class LandmarkPredictor:
         self.model, self.config, payload = load_inference_model(model_path, precision)
         self.precision = precision
         self.calibration = SizeCalibration.from_dict(payload.get("calibration"))
-        self.review_rule = ReviewRule.from_dict(payload.get("review"))
+        self.review_rules = ReviewRules.from_payload(payload)
         self.codec = self.config.codec()
         refinement = load_refinement_model(self.config, payload, model_path)
         self.polar_codec = self.config.refinement.codec() if refinement is not None else None
@@ -303,12 +314,13 @@ class LandmarkPredictor:
         }
         return ellipse_geometry.to_endpoints(refined), signals_px
 
-    def review(self, signals: dict[str, np.ndarray], confidence: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(needs_review, review_reason) by the model file's rule; error rows and models without a rule: False, ''."""
+    def review(self, signals: dict[str, np.ndarray], confidence: np.ndarray, status: np.ndarray, pixel_spacing_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(needs_review, review_reason) by the model file's rules (`review.ReviewRules`: a row without a pixel spacing by the
+        rule without one); error rows and models without a rule: False, ''."""
         count = len(confidence)
-        if self.review_rule is None:
+        if self.review_rules is None:
             return np.zeros(count, dtype=bool), np.full(count, "", dtype=object)
-        needs_review, reasons = self.review_rule.apply(pd.DataFrame({**signals, "confidence": confidence}))
+        needs_review, reasons = self.review_rules.apply(pd.DataFrame({**signals, "confidence": confidence}), has_spacing(pixel_spacing_mm))
         is_ok = np.asarray(status) == "ok"
         return needs_review & is_ok, np.where(is_ok, reasons, "").astype(object)
 
@@ -316,13 +328,15 @@ class LandmarkPredictor:
         """Both stages, the size line and the review signals for decoded frames (`locate`'s arguments, and each frame's pixel
         spacing) -> ([N, 4, 2] endpoints in original pixels (NaN: no head), [N] confidence, [N] size-line scale, {signal: [N]})."""
         count = len(images)
-        signals = {name: np.full(count, np.nan) for name in REVIEW_SIGNAL_COLUMNS}
+        signals = {name: np.full(count, np.nan) for name in SIGNAL_KEYS}
         points_original, confidence = self.locate(images, transforms, originals, candidates)
         found = np.flatnonzero(np.isfinite(points_original).all(axis=(1, 2)))
         if self.refinement is not None and len(found):
             points_original[found], signals_px = self.refine(originals[found], points_original[found])
+            hc_px = biometry_px(points_original[found])["hc_ellipse_px"]  # stage 2's HC, before the size line
             for name, values_px in signals_px.items():  # in mm: a 5 mm error is 2 % of a late head and 5 % of an early one
                 signals[f"{name}_mm"][found] = values_px * pixel_spacing_mm[found]
+                signals[f"{name}_fraction"][found] = values_px / hc_px  # what the rule for rows without a spacing reads
         calibration_scale = np.ones(count)  # 1: not calibrated (no calibration in the model, or no spacing)
         if self.calibration is not None:
             points_original, calibration_scale = self.calibration.apply(points_original, pixel_spacing_mm)
@@ -347,9 +361,9 @@ class LandmarkPredictor:
         points mapped back to the frame's original pixels, replaces the first (in place). Returns the frames replaced."""
         from fetalpipe.data.imaging import upright_turn
 
-        if self.review_rule is None:
+        if self.review_rules is None:
             return []
-        flagged = self.review_rule.flags(pd.DataFrame({**signals, "confidence": confidence}))
+        flagged = self.review_rules.margin(pd.DataFrame({**signals, "confidence": confidence}), has_spacing(batch["pixel_spacing_mm"])) > 0
         retry, turns = [], []
         for index in np.flatnonzero(flagged & np.isfinite(points_original).all(axis=(1, 2))):
             turn = upright_turn(batch["original_pixels"][index])
@@ -384,10 +398,11 @@ class LandmarkPredictor:
         measured upright, left as they are. Returns the frames replaced."""
         from fetalpipe.data.imaging import TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN, clamp_brightness, content_median, region_pixels
 
-        if self.review_rule is None:
+        if self.review_rules is None:
             return []
-        score_before = self.review_rule.score(pd.DataFrame({**signals, "confidence": confidence}))
-        flagged = (score_before > self.review_rule.threshold) & np.isfinite(points_original).all(axis=(1, 2))
+        spaced = has_spacing(batch["pixel_spacing_mm"])
+        score_before = self.review_rules.margin(pd.DataFrame({**signals, "confidence": confidence}), spaced)  # > 0: flagged
+        flagged = (score_before > 0) & np.isfinite(points_original).all(axis=(1, 2))
 
         def scan_is_dark(index: int) -> bool:
             scan = region_pixels(batch["original_pixels"][index], batch["scan_region"][index])
@@ -398,7 +413,7 @@ class LandmarkPredictor:
             return []
         brightened = [clamp_brightness(batch["original_pixels"][index], TRAINING_LOWER_QUARTILE_CONTENT_MEDIAN) for index in retry]
         points_bright, confidence_bright, scale_bright, signals_bright = self.measure_frames(brightened, batch["pixel_spacing_mm"][retry])
-        score_bright = self.review_rule.score(pd.DataFrame({**signals_bright, "confidence": confidence_bright}))
+        score_bright = self.review_rules.margin(pd.DataFrame({**signals_bright, "confidence": confidence_bright}), spaced[retry])
         replaced = []
         for row, index in enumerate(retry):
             surer = confidence_bright[row] >= confidence[index] and score_bright[row] < score_before[index]
@@ -419,7 +434,7 @@ class LandmarkPredictor:
         points_original = np.full((count, 4, 2), np.nan)
         confidence = np.full(count, np.nan)
         calibration_scale = np.full(count, np.nan)
-        signals = {name: np.full(count, np.nan) for name in REVIEW_SIGNAL_COLUMNS}
+        signals = {name: np.full(count, np.nan) for name in SIGNAL_KEYS}
         ok = np.flatnonzero(batch["status"] == "ok")
         if len(ok):
             from fetalpipe.pipeline.preprocess import transforms_of
@@ -443,8 +458,8 @@ class LandmarkPredictor:
         output.update(biometry_mm(points_original, batch["pixel_spacing_mm"]))
         output.update(clinical_columns(output["hc_ellipse_mm"], batch.get("gestational_age_weeks")))
         output["confidence"] = confidence
-        output["needs_review"], output["review_reason"] = self.review(signals, confidence, output["status"])
-        output.update(signals)
+        output["needs_review"], output["review_reason"] = self.review(signals, confidence, output["status"], batch["pixel_spacing_mm"])
+        output.update({name: signals[name] for name in REVIEW_SIGNAL_COLUMNS})
         output["size_calibration_scale"] = calibration_scale  # 1: not calibrated (no calibration in the model, or no spacing)
         output["model_sha256"] = np.full(count, self.model_sha256, dtype=object)
         output["precision"] = np.full(count, self.precision, dtype=object)
