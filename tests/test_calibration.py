@@ -151,3 +151,47 @@ def test_train_command_calibrates_its_model_or_says_why_not(ray_local, monkeypat
     assert not os.path.exists(tmp_path / "run2" / "model_calibrated.pt")
     assert main(["train", "--manifest", str(manifest_path), "--output", str(tmp_path / "run3"), "--no-calibrate"]) == 0
     assert not os.path.exists(tmp_path / "run3" / "model_calibrated.pt")
+
+
+def test_calibrate_stores_both_review_rules_and_add_rule_changes_nothing_else(ray_local, tmp_path, capsys):
+    """`calibrate` stores the review rule in mm and the rule for rows without a pixel spacing; `calibrate
+    --add-rule-without-spacing` on that file fits the same second rule again (same int8 measurement of the same split)
+    and leaves the weights, int8 parameters, size line and first rule as they were; a file never calibrated is refused."""
+    import torch
+
+    from fetalpipe.cli import main
+    from fetalpipe.measure.review import ReviewRule
+    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, load_model, read_model_header, refinement_entries, save_model
+
+    model, config, payload = load_model(DEFAULT_MODEL_PATH)
+    uncalibrated = str(tmp_path / "uncalibrated.pt")
+    save_model(uncalibrated, payload["state_dict"], config, **refinement_entries(payload))
+    manifest = pd.read_csv(SAMPLE_MANIFEST)
+    manifest["image_path"] = [os.path.join(os.path.dirname(SAMPLE_MANIFEST), p) for p in manifest["image_path"]]
+    manifest["subject_id"] = [f"subject-{index}" for index in range(len(manifest))]  # most in the training split
+    manifest_path = str(tmp_path / "manifest.csv")
+    manifest.to_csv(manifest_path, index=False)
+
+    calibrated = str(tmp_path / "calibrated.pt")
+    assert main(["calibrate", "--model", uncalibrated, "--manifest", manifest_path, "--output", calibrated]) == 0
+    header = read_model_header(calibrated)
+    in_mm, without_spacing = ReviewRule.from_dict(header["review"]), ReviewRule.from_dict(header["review_without_spacing"])
+    assert in_mm is not None and without_spacing is not None
+    assert not any(name.endswith("_mm") for name in without_spacing.signals)  # no mm signal exists in a row without spacing
+    assert header["calibration"]["review_without_spacing"]["flagged_fraction"] <= 0.15
+
+    again = str(tmp_path / "again.pt")
+    assert main(["calibrate", "--add-rule-without-spacing", "--model", calibrated, "--manifest", manifest_path, "--output", again]) == 0
+    added = read_model_header(again)
+    assert ReviewRule.from_dict(added["review_without_spacing"]) == without_spacing
+    for entry in ("review", "int8_quantization"):
+        assert added[entry] == header[entry]
+    assert {k: v for k, v in added["calibration"].items() if k != "review_without_spacing"} == \
+           {k: v for k, v in header["calibration"].items() if k != "review_without_spacing"}
+    before, after = load_model(calibrated)[2]["state_dict"], load_model(again)[2]["state_dict"]
+    assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
+
+    capsys.readouterr()
+    refused = str(tmp_path / "refused.pt")
+    assert main(["calibrate", "--add-rule-without-spacing", "--model", uncalibrated, "--manifest", manifest_path, "--output", refused]) == 2
+    assert "is not calibrated" in capsys.readouterr().err and not os.path.exists(refused)
