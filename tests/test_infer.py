@@ -150,9 +150,9 @@ def test_folder_input_and_overwrite(ray_local, tiny_model_path, tmp_path, capsys
     csv = pd.read_csv(output / "predictions.csv")
     assert csv["hc_mm"].isna().all()  # no spacing known: no mm
     # ... and the run says so, before it starts and at its end, and so do run.json and the report: without a spacing the
-    # review flag loses its signals in mm, and with them most of what it catches.
+    # review flag loses its signals in mm, and with them much of what it catches.
     printed = capsys.readouterr().out
-    assert re.search(r"\n  spacing +none for 2 of the 2 images", printed) and re.search(r"\n  no spacing +2 ok rows: no mm columns, and a weaker review flag", printed)
+    assert re.search(r"\n  spacing +none for 2 of the 2 images", printed) and re.search(r"\n  no spacing +2 ok rows: no mm columns, no size line, and a weaker review flag", printed)
     assert summary["ok_without_spacing"] == 2
     assert json.loads((output / "run.json").read_text())["counts"]["ok_without_spacing"] == 2
     assert "2 ok rows have no pixel spacing" in (output / "report.html").read_text()
