@@ -15,6 +15,27 @@ def ellipse_endpoints(centre, semi_major_px, semi_minor_px, angle_rad):
     return np.stack([centre - semi_major_px * major, centre + semi_major_px * major, centre - semi_minor_px * minor, centre + semi_minor_px * minor])
 
 
+def sample_with_training_subjects(tmp_path) -> tuple[pd.DataFrame, str]:
+    """The embedded sample as a manifest whose rows are mostly in the training split: its images are all validation
+    subjects of the HC18 split, so each gets its own subject id and the same split rule puts most of them in training."""
+    manifest = pd.read_csv(SAMPLE_MANIFEST)
+    manifest["image_path"] = [os.path.join(os.path.dirname(SAMPLE_MANIFEST), p) for p in manifest["image_path"]]
+    manifest["subject_id"] = [f"subject-{index}" for index in range(len(manifest))]
+    manifest_path = str(tmp_path / "manifest.csv")
+    manifest.to_csv(manifest_path, index=False)
+    return manifest, manifest_path
+
+
+def uncalibrated_shipped_model(tmp_path) -> tuple[str, object, dict]:
+    """The shipped weights (both stages) in a file without int8 parameters, size line or review rules: (path, config, payload)."""
+    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, load_model, refinement_entries, save_model
+
+    _, config, payload = load_model(DEFAULT_MODEL_PATH)
+    path = str(tmp_path / "uncalibrated.pt")
+    save_model(path, payload["state_dict"], config, **refinement_entries(payload))
+    return path, config, payload
+
+
 def test_fit_recovers_a_linear_size_error_and_apply_removes_it():
     rng = np.random.default_rng(0)
     reference_hc_mm = rng.uniform(60, 340, 200)
@@ -59,27 +80,19 @@ def test_calibrate_fits_on_the_training_split_and_infer_applies_it(ray_local, tm
     """`fetalpipe calibrate` with the shipped weights on the embedded sample: the line is fitted on the training split only,
     stored in the model file, and `infer` scales each ellipse by it (the scale is in the output; 1 without spacing)."""
     from fetalpipe.cli import main
-    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, load_model, read_model_header, refinement_entries, save_model
+    from fetalpipe.model.model_file import load_model, read_model_header, refinement_entries, save_model
     from fetalpipe.pipeline.calibrate import calibrate_model
     from fetalpipe.pipeline.infer import InferOptions, run_inference
     from fetalpipe.pipeline.predictions import read_predictions
     from fetalpipe.pipeline.train import split_by_subject
 
-    model, config, payload = load_model(DEFAULT_MODEL_PATH)
-    uncalibrated = str(tmp_path / "uncalibrated.pt")
-    save_model(uncalibrated, payload["state_dict"], config, **refinement_entries(payload))
-    # The sample's images are all validation subjects of the HC18 split; give each its own subject id so that the
-    # same split rule puts most of them in training.
-    manifest = pd.read_csv(SAMPLE_MANIFEST)
-    manifest["image_path"] = [os.path.join(os.path.dirname(SAMPLE_MANIFEST), p) for p in manifest["image_path"]]
-    manifest["subject_id"] = [f"subject-{index}" for index in range(len(manifest))]
+    uncalibrated, config, payload = uncalibrated_shipped_model(tmp_path)
+    manifest, manifest_path = sample_with_training_subjects(tmp_path)
     train_rows, val_rows = split_by_subject(manifest, config.val_fraction)
     assert len(train_rows) >= 10 and len(val_rows) > 0
-    manifest_path = tmp_path / "manifest.csv"
-    manifest.to_csv(manifest_path, index=False)
 
     calibrated = str(tmp_path / "calibrated.pt")
-    assert main(["calibrate", "--model", uncalibrated, "--manifest", str(manifest_path), "--output", calibrated]) == 0
+    assert main(["calibrate", "--model", uncalibrated, "--manifest", manifest_path, "--output", calibrated]) == 0
     fit = read_model_header(calibrated)["calibration"]
     line = SizeCalibration.from_dict(fit)
     assert fit["images"] == len(train_rows) and fit["split"] == "train"
@@ -132,13 +145,9 @@ def test_train_command_calibrates_its_model_or_says_why_not(ray_local, monkeypat
         return {"best_epoch": 1}
 
     monkeypatch.setattr(fetalpipe.pipeline.train, "run_training", fake_training)
-    manifest = pd.read_csv(SAMPLE_MANIFEST)
-    manifest["image_path"] = [os.path.join(os.path.dirname(SAMPLE_MANIFEST), p) for p in manifest["image_path"]]
-    manifest["subject_id"] = [f"subject-{index}" for index in range(len(manifest))]  # most in the training split, as above
-    manifest_path = tmp_path / "manifest.csv"
-    manifest.to_csv(manifest_path, index=False)
+    _, manifest_path = sample_with_training_subjects(tmp_path)
 
-    assert main(["train", "--manifest", str(manifest_path), "--output", str(tmp_path / "run")]) == 0
+    assert main(["train", "--manifest", manifest_path, "--output", str(tmp_path / "run")]) == 0
     header = read_model_header(str(tmp_path / "run" / "model_calibrated.pt"))
     assert header["int8_quantization"] and header["calibration"]["measured_in"] == "int8"
     assert "calibrated: int8, size line" in capsys.readouterr().out
@@ -149,7 +158,7 @@ def test_train_command_calibrates_its_model_or_says_why_not(ray_local, monkeypat
     out = capsys.readouterr().out
     assert "not calibrated (" in out and "no image is in the training split" in out
     assert not os.path.exists(tmp_path / "run2" / "model_calibrated.pt")
-    assert main(["train", "--manifest", str(manifest_path), "--output", str(tmp_path / "run3"), "--no-calibrate"]) == 0
+    assert main(["train", "--manifest", manifest_path, "--output", str(tmp_path / "run3"), "--no-calibrate"]) == 0
     assert not os.path.exists(tmp_path / "run3" / "model_calibrated.pt")
 
 
@@ -161,16 +170,10 @@ def test_calibrate_stores_both_review_rules_and_add_rule_changes_nothing_else(ra
 
     from fetalpipe.cli import main
     from fetalpipe.measure.review import ReviewRule
-    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, load_model, read_model_header, refinement_entries, save_model
+    from fetalpipe.model.model_file import load_model, read_model_header
 
-    model, config, payload = load_model(DEFAULT_MODEL_PATH)
-    uncalibrated = str(tmp_path / "uncalibrated.pt")
-    save_model(uncalibrated, payload["state_dict"], config, **refinement_entries(payload))
-    manifest = pd.read_csv(SAMPLE_MANIFEST)
-    manifest["image_path"] = [os.path.join(os.path.dirname(SAMPLE_MANIFEST), p) for p in manifest["image_path"]]
-    manifest["subject_id"] = [f"subject-{index}" for index in range(len(manifest))]  # most in the training split
-    manifest_path = str(tmp_path / "manifest.csv")
-    manifest.to_csv(manifest_path, index=False)
+    uncalibrated, _, _ = uncalibrated_shipped_model(tmp_path)
+    _, manifest_path = sample_with_training_subjects(tmp_path)
 
     calibrated = str(tmp_path / "calibrated.pt")
     assert main(["calibrate", "--model", uncalibrated, "--manifest", manifest_path, "--output", calibrated]) == 0
