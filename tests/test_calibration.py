@@ -26,14 +26,23 @@ def sample_with_training_subjects(tmp_path) -> tuple[pd.DataFrame, str]:
     return manifest, manifest_path
 
 
-def uncalibrated_shipped_model(tmp_path) -> tuple[str, object, dict]:
-    """The shipped weights (both stages) in a file without int8 parameters, size line or review rules: (path, config, payload)."""
+@pytest.fixture(scope="module")
+def calibrated_sample(ray_local, tmp_path_factory) -> dict:
+    """The shipped weights saved without int8 parameters, size line or review rules ("uncalibrated", with their "config"
+    and "payload"), and that file put through `fetalpipe calibrate` on `sample_with_training_subjects` ("calibrated"):
+    one calibrate run for the tests that read what it wrote."""
+    from fetalpipe.cli import main
     from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, load_model, refinement_entries, save_model
 
+    folder = tmp_path_factory.mktemp("calibrated_sample")
     _, config, payload = load_model(DEFAULT_MODEL_PATH)
-    path = str(tmp_path / "uncalibrated.pt")
-    save_model(path, payload["state_dict"], config, **refinement_entries(payload))
-    return path, config, payload
+    uncalibrated = str(folder / "uncalibrated.pt")
+    save_model(uncalibrated, payload["state_dict"], config, **refinement_entries(payload))
+    manifest, manifest_path = sample_with_training_subjects(folder)
+    calibrated = str(folder / "calibrated.pt")
+    assert main(["calibrate", "--model", uncalibrated, "--manifest", manifest_path, "--output", calibrated]) == 0
+    return {"uncalibrated": uncalibrated, "config": config, "payload": payload, "manifest": manifest, "manifest_path": manifest_path,
+            "calibrated": calibrated}
 
 
 def test_fit_recovers_a_linear_size_error_and_apply_removes_it():
@@ -76,23 +85,20 @@ def test_without_spacing_or_out_of_range_the_correction_is_none_or_bounded():
     assert SizeCalibration.from_dict(None) is None
 
 
-def test_calibrate_fits_on_the_training_split_and_infer_applies_it(ray_local, tmp_path):
+def test_calibrate_fits_on_the_training_split_and_infer_applies_it(calibrated_sample, tmp_path):
     """`fetalpipe calibrate` with the shipped weights on the embedded sample: the line is fitted on the training split only,
     stored in the model file, and `infer` scales each ellipse by it (the scale is in the output; 1 without spacing)."""
-    from fetalpipe.cli import main
     from fetalpipe.model.model_file import load_model, read_model_header, refinement_entries, save_model
     from fetalpipe.pipeline.calibrate import calibrate_model
     from fetalpipe.pipeline.infer import InferOptions, run_inference
     from fetalpipe.pipeline.predictions import read_predictions
     from fetalpipe.pipeline.train import split_by_subject
 
-    uncalibrated, config, payload = uncalibrated_shipped_model(tmp_path)
-    manifest, manifest_path = sample_with_training_subjects(tmp_path)
+    uncalibrated, config, payload = calibrated_sample["uncalibrated"], calibrated_sample["config"], calibrated_sample["payload"]
+    manifest, calibrated = calibrated_sample["manifest"], calibrated_sample["calibrated"]
     train_rows, val_rows = split_by_subject(manifest, config.val_fraction)
     assert len(train_rows) >= 10 and len(val_rows) > 0
 
-    calibrated = str(tmp_path / "calibrated.pt")
-    assert main(["calibrate", "--model", uncalibrated, "--manifest", manifest_path, "--output", calibrated]) == 0
     fit = read_model_header(calibrated)["calibration"]
     line = SizeCalibration.from_dict(fit)
     assert fit["images"] == len(train_rows) and fit["split"] == "train"
@@ -162,7 +168,7 @@ def test_train_command_calibrates_its_model_or_says_why_not(ray_local, monkeypat
     assert not os.path.exists(tmp_path / "run3" / "model_calibrated.pt")
 
 
-def test_calibrate_stores_both_review_rules_and_add_rule_changes_nothing_else(ray_local, tmp_path, capsys):
+def test_calibrate_stores_both_review_rules_and_add_rule_changes_nothing_else(calibrated_sample, tmp_path, capsys):
     """`calibrate` stores the review rule in mm and the rule for rows without a pixel spacing; `calibrate
     --add-rule-without-spacing` on that file fits the same second rule again (same int8 measurement of the same split)
     and leaves the weights, int8 parameters, size line and first rule as they were; a file never calibrated is refused."""
@@ -172,11 +178,7 @@ def test_calibrate_stores_both_review_rules_and_add_rule_changes_nothing_else(ra
     from fetalpipe.measure.review import ReviewRule
     from fetalpipe.model.model_file import load_model, read_model_header
 
-    uncalibrated, _, _ = uncalibrated_shipped_model(tmp_path)
-    _, manifest_path = sample_with_training_subjects(tmp_path)
-
-    calibrated = str(tmp_path / "calibrated.pt")
-    assert main(["calibrate", "--model", uncalibrated, "--manifest", manifest_path, "--output", calibrated]) == 0
+    uncalibrated, manifest_path, calibrated = calibrated_sample["uncalibrated"], calibrated_sample["manifest_path"], calibrated_sample["calibrated"]
     header = read_model_header(calibrated)
     in_mm, without_spacing = ReviewRule.from_dict(header["review"]), ReviewRule.from_dict(header["review_without_spacing"])
     assert in_mm is not None and without_spacing is not None
