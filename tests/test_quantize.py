@@ -9,7 +9,7 @@ from conftest import SAMPLE_MANIFEST
 from fetalpipe.data.imaging import read_image, resize_to_model
 from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, load_model, read_model_header, refinement_entries, save_model
 from fetalpipe.model.networks import to_model_input
-from fetalpipe.model.quantize import _prepared, observe_quantization, to_int8
+from fetalpipe.model.quantize import Int8Upsample2x, _prepared, as_1x1_convolution, blocks_to_pixels, convert, observe_quantization, to_int8
 from fetalpipe.pipeline.infer import InferOptions, load_inference_model, resolve_precision, run_inference
 from fetalpipe.pipeline.predictions import read_predictions
 
@@ -28,6 +28,9 @@ def test_shipped_int8_model_measures_like_fp32():
     int8, _, _ = load_inference_model(DEFAULT_MODEL_PATH, "int8")
     assert any(isinstance(module, torch.ao.nn.quantized.Conv2d) for module in int8.modules())
     assert not any(isinstance(module, torch.ao.nn.quantized.Conv2d) for module in fp32.modules())
+    # Every upsampling runs in int8: none is left in fp32 between a dequantize and a quantize.
+    assert sum(isinstance(module, Int8Upsample2x) for module in int8.modules()) == config.model.depth
+    assert not any(isinstance(module, torch.nn.ConvTranspose2d) for module in int8.modules())
     images, original_sizes = sample_images(config.input_size)
     codec = config.codec()
     with torch.inference_mode():
@@ -48,12 +51,11 @@ def test_stored_quantization_rebuilds_the_calibrated_int8_model_exactly(tmp_path
     assert (zero_points == 0).sum() >= len(zero_points) // 2  # conv+ReLU fused: those outputs start at 0
 
     from torch.ao.quantization import HistogramObserver
-    from torch.ao.quantization.quantize_fx import convert_fx
 
     histogram_model = _prepared(load_model(DEFAULT_MODEL_PATH)[0], config.input_size, HistogramObserver)
     with torch.inference_mode():
         histogram_model(to_model_input(images[:8]))
-    histogram_model = convert_fx(histogram_model)
+    histogram_model = convert(histogram_model)
 
     path = str(tmp_path / "with_quantization.pt")
     save_model(path, payload["state_dict"], config, int8_quantization=quantization, **refinement_entries(payload))
@@ -64,6 +66,29 @@ def test_stored_quantization_rebuilds_the_calibrated_int8_model_exactly(tmp_path
         torch.testing.assert_close(rebuilt(batch), histogram_model(batch), rtol=0, atol=0)
     with pytest.raises(ValueError, match="do not fit this architecture"):
         to_int8(model, dict(list(quantization.items())[1:]), config.input_size)
+
+
+def test_int8_upsample_is_the_transposed_convolution_as_a_1x1_convolution_and_depth_to_space():
+    """The rearrangement is exact in fp32, and the int8 module stays within a couple of output quantization steps of
+    the fp32 transposed convolution, its result in channels_last memory (what keeps the next concatenation in int8)."""
+    torch.manual_seed(0)
+    transposed = torch.nn.ConvTranspose2d(6, 5, 2, stride=2)
+    features = torch.rand(3, 6, 7, 9).to(memory_format=torch.channels_last)
+    expected = transposed(features).detach()
+
+    weight, bias = as_1x1_convolution(transposed)
+    moved = blocks_to_pixels(torch.nn.functional.conv2d(features, weight, bias), out_channels=5)
+    assert moved.shape == expected.shape == (3, 5, 14, 18)
+    torch.testing.assert_close(moved, expected, rtol=0, atol=1e-5)
+
+    output_scale = float(expected.max() - expected.min()) / 255
+    output_zero_point = int(round(-float(expected.min()) / output_scale))
+    upsample = Int8Upsample2x(transposed, output_scale, output_zero_point)
+    quantized = upsample(torch.quantize_per_tensor(features, 1 / 255, 0, torch.quint8))
+    assert quantized.is_quantized and quantized.q_scale() == output_scale and quantized.q_zero_point() == output_zero_point
+    assert quantized.is_contiguous(memory_format=torch.channels_last)
+    error_steps = (quantized.dequantize() - expected).abs() / output_scale
+    assert error_steps.mean() < 0.5 and error_steps.max() < 2.5
 
 
 def test_precision_is_chosen_once_recorded_per_row_and_part_of_the_resume_key(ray_local, tiny_model_path, tmp_path, capsys):
@@ -109,6 +134,8 @@ def test_shipped_refinement_stage_runs_in_int8_close_to_fp32():
 
     fp32, int8 = LandmarkPredictor(DEFAULT_MODEL_PATH, threads=1, precision="fp32"), LandmarkPredictor(DEFAULT_MODEL_PATH, threads=1, precision="int8")
     assert any(isinstance(module, torch.ao.nn.quantized.Conv2d) for module in int8.refinement.modules())
+    assert any(isinstance(module, Int8Upsample2x) for module in int8.refinement.modules())
+    assert not any(isinstance(module, torch.nn.ConvTranspose2d) for module in int8.refinement.modules())
     manifest = pd.read_csv(SAMPLE_MANIFEST).head(8)
     originals = [read_image(os.path.join(os.path.dirname(SAMPLE_MANIFEST), path)).pixels for path in manifest["image_path"]]
     priors = ellipse_geometry.from_endpoints(manifest[list(LANDMARK_COLUMNS)].to_numpy(dtype=float).reshape(-1, 4, 2))
