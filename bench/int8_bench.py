@@ -3,7 +3,8 @@
     python bench/int8_bench.py --repeats 5 --val-manifest runs/hc18_val.csv
 
 Speed: forward passes of FORWARD_BATCH images (the embedded sample, in model input pixels) at 1 and 2 threads,
-fp32 channels_last with BatchNorm folded (what the actors ran before) against int8 with each quantized engine;
+fp32 channels_last with BatchNorm folded against int8 with each quantized engine, and int8 (oneDNN) with the
+transposed convolutions left in fp32 as PyTorch's conversion leaves them (`quantize.upsample_in_int8`);
 median ms per image over repeats, the variants interleaved within each repeat. Accuracy (with --val-manifest):
 `fetalpipe infer --precision int8` and `--precision fp32` on the manifest, then `fetalpipe evaluate`; and how far
 the int8 landmarks are from the fp32 ones. Prints a table and writes bench/results/int8.json (or --results)."""
@@ -14,7 +15,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_record import provenance  # noqa: E402  (bench/, the script's own folder)
 from fetalpipe.data.imaging import read_image, resize_to_model  # noqa: E402
 from fetalpipe.data.manifest import landmarks_original_px  # noqa: E402
 from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, load_model  # noqa: E402
@@ -90,15 +91,17 @@ def main() -> None:
     for engine in ("onednn", "x86"):
         if engine in torch.backends.quantized.supported_engines:
             variants[f"int8 {engine}"] = to_int8(copy.deepcopy(load_model(args.model)[0]), payload["int8_quantization"], config.input_size, engine)
+    variants["int8 onednn, upsampling fp32"] = to_int8(copy.deepcopy(load_model(args.model)[0]), payload["int8_quantization"], config.input_size,
+                                                        upsampling_in_int8=False)
     timings = {threads: {name: [] for name in variants} for threads in (1, 2)}
     for _ in range(args.repeats):
         for threads in timings:
             torch.set_num_threads(threads)
             for name, model in variants.items():
-                torch.backends.quantized.engine = name.split()[1] if name.startswith("int8") else "onednn"  # the engine the weights were packed for
+                torch.backends.quantized.engine = name.split()[1].rstrip(",") if name.startswith("int8") else "onednn"  # the engine the weights were packed for
                 timings[threads][name].append(ms_per_image(model, batch))
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+        **provenance(), "torch": torch.__version__,
         "model": os.path.basename(args.model), "forward_batch": FORWARD_BATCH, "repeats": args.repeats,
         "ms_per_image": {threads: {name: round(float(np.median(values)), 2) for name, values in by_name.items()} for threads, by_name in timings.items()},
         "runs": timings,

@@ -93,7 +93,8 @@ def observe_quantization(model: nn.Module, images: np.ndarray, batch_size: int =
     return quantization
 
 
-def to_int8(model: nn.Module, quantization: dict[str, list[float]], input_shape: int | tuple[int, int], engine: str = INT8_ENGINE) -> nn.Module:
+def to_int8(model: nn.Module, quantization: dict[str, list[float]], input_shape: int | tuple[int, int], engine: str = INT8_ENGINE,
+            upsampling_in_int8: bool = True) -> nn.Module:
     """The int8 inference model from fp32 weights and stored activation scales and zero points. Feed it
     `model.to_model_input(...)`; outputs are float32 heatmaps like the fp32 model's. `model` is changed."""
     from torch.ao.quantization import MinMaxObserver
@@ -109,17 +110,19 @@ def to_int8(model: nn.Module, quantization: dict[str, list[float]], input_shape:
         fixed.setdefault(id(observer), FixedQParamsObserver(scale=scale, zero_point=int(zero_point)))
         parent, _, attribute = name.rpartition(".")
         setattr(prepared.get_submodule(parent), attribute, fixed[id(observer)])
-    return convert(prepared)
+    return convert(prepared, upsampling_in_int8)
 
 
-def convert(prepared: nn.Module) -> torch.fx.GraphModule:
+def convert(prepared: nn.Module, upsampling_in_int8: bool = True) -> torch.fx.GraphModule:
     """The int8 model from a prepared one whose observers hold their scales and zero points: PyTorch's conversion, then
-    the transposed convolutions it leaves in fp32 moved to int8 (`upsample_in_int8`)."""
+    the transposed convolutions it leaves in fp32 moved to int8 (`upsample_in_int8`; False keeps them in fp32, for
+    `bench/int8_bench.py`)."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return upsample_in_int8(convert_fx(prepared))
+        converted = convert_fx(prepared)
+    return upsample_in_int8(converted) if upsampling_in_int8 else converted
 
 
 def as_1x1_convolution(transposed: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor | None]:
