@@ -1,7 +1,7 @@
 """int8 inference: post-training static quantization of the U-Net's convolutions (PyTorch FX graph mode, oneDNN kernels).
 
-On the 2-core AVX2 machine the forward pass of the shipped model takes 0.5-0.6 of the time of fp32 channels_last
-(`bench/int8_bench.py`), and validation HC MAE moves by 0.02 mm (docs/experiments.md note 10).
+Stage 1's forward pass takes 0.5-0.6 of the time of fp32 channels_last on a 2-core AVX2 machine, and 0.3 with AVX-512
+(`bench/int8_bench.py`, docs/performance.md); validation HC MAE moves by 0.02 mm (docs/experiments.md note 10).
 Activation scales and zero points are chosen once, on training images, by `fetalpipe calibrate`, and stored in the
 model file; every actor then builds the same int8 model from the fp32 weights and those parameters, so results do
 not depend on which images an actor happened to see first.
