@@ -186,7 +186,7 @@ def upsample_in_int8(converted: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 and len(users) == 1 and users[0].target is torch.quantize_per_tensor):
             continue  # not between two int8 ops: left in fp32
         quantize = users[0]
-        scale, zero_point = (getattr(converted, argument.target) for argument in quantize.args[1:3])
+        scale, zero_point = (getattr(converted, argument.target) if isinstance(argument, torch.fx.Node) else argument for argument in quantize.args[1:3])
         name = node.target.replace(".", "_") + "_int8"
         converted.add_submodule(name, Int8Upsample2x(converted.get_submodule(node.target), float(scale), int(zero_point)))
         with graph.inserting_before(quantize):
