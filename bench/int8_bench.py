@@ -3,8 +3,10 @@
     python bench/int8_bench.py --repeats 5 --val-manifest runs/hc18_val.csv
 
 Speed: forward passes of FORWARD_BATCH images (the embedded sample, in model input pixels) at 1 and 2 threads,
-fp32 channels_last with BatchNorm folded against int8 with each quantized engine, and int8 (oneDNN) with the
-transposed convolutions left in fp32 as PyTorch's conversion leaves them (`quantize.upsample_in_int8`);
+fp32 channels_last with BatchNorm folded against int8 with each quantized engine (the upsampling in int8), and int8
+(oneDNN) with the transposed convolutions left in fp32 as PyTorch's conversion leaves them (which of the two the actors
+build depends on the CPU: `quantize.int8_upsampling_pays`). Run with `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` it
+times AVX2 kernels on a newer CPU (the fbgemm engine ignores the first);
 median ms per image over repeats, the variants interleaved within each repeat. Accuracy (with --val-manifest):
 `fetalpipe infer --precision int8` and `--precision fp32` on the manifest, then `fetalpipe evaluate`; and how far
 the int8 landmarks are from the fp32 ones. Prints a table and writes bench/results/int8.json (or --results)."""
@@ -90,7 +92,8 @@ def main() -> None:
     variants = {"fp32 channels_last": fp32}
     for engine in ("onednn", "x86"):
         if engine in torch.backends.quantized.supported_engines:
-            variants[f"int8 {engine}"] = to_int8(copy.deepcopy(load_model(args.model)[0]), payload["int8_quantization"], config.input_size, engine)
+            variants[f"int8 {engine}"] = to_int8(copy.deepcopy(load_model(args.model)[0]), payload["int8_quantization"], config.input_size, engine,
+                                                 upsampling_in_int8=True)
     variants["int8 onednn, upsampling fp32"] = to_int8(copy.deepcopy(load_model(args.model)[0]), payload["int8_quantization"], config.input_size,
                                                         upsampling_in_int8=False)
     timings = {threads: {name: [] for name in variants} for threads in (1, 2)}

@@ -6,10 +6,10 @@ Activation scales and zero points are chosen once, on training images, by `fetal
 model file; every actor then builds the same int8 model from the fp32 weights and those parameters, so results do
 not depend on which images an actor happened to see first.
 
-Kept in fp32: the 1x1 output head (the heatmap values the decoder refines). The decoder's 2x2, stride-2 transposed
-convolutions run in int8 as a 1x1 convolution and a depth-to-space (`Int8Upsample2x`): PyTorch's own quantized
-ConvTranspose2d gave outputs uncorrelated with fp32 on this model (correlation 0.03, measured), and left in fp32 they
-took a quarter of stage 1's int8 forward pass."""
+Kept in fp32: the 1x1 output head (the heatmap values the decoder refines). On CPUs with VNNI the decoder's 2x2,
+stride-2 transposed convolutions run in int8 as a 1x1 convolution and a depth-to-space (`Int8Upsample2x`,
+`int8_upsampling_pays`); elsewhere they stay fp32. PyTorch's own quantized ConvTranspose2d gave outputs uncorrelated
+with fp32 on this model (correlation 0.03, measured)."""
 
 from __future__ import annotations
 
@@ -94,9 +94,10 @@ def observe_quantization(model: nn.Module, images: np.ndarray, batch_size: int =
 
 
 def to_int8(model: nn.Module, quantization: dict[str, list[float]], input_shape: int | tuple[int, int], engine: str = INT8_ENGINE,
-            upsampling_in_int8: bool = True) -> nn.Module:
+            upsampling_in_int8: bool | None = None) -> nn.Module:
     """The int8 inference model from fp32 weights and stored activation scales and zero points. Feed it
-    `model.to_model_input(...)`; outputs are float32 heatmaps like the fp32 model's. `model` is changed."""
+    `model.to_model_input(...)`; outputs are float32 heatmaps like the fp32 model's. `model` is changed.
+    `upsampling_in_int8`: None follows `int8_upsampling_pays()`."""
     from torch.ao.quantization import MinMaxObserver
     from torch.ao.quantization.observer import FixedQParamsObserver
 
@@ -113,16 +114,26 @@ def to_int8(model: nn.Module, quantization: dict[str, list[float]], input_shape:
     return convert(prepared, upsampling_in_int8)
 
 
-def convert(prepared: nn.Module, upsampling_in_int8: bool = True) -> torch.fx.GraphModule:
-    """The int8 model from a prepared one whose observers hold their scales and zero points: PyTorch's conversion, then
-    the transposed convolutions it leaves in fp32 moved to int8 (`upsample_in_int8`; False keeps them in fp32, for
-    `bench/int8_bench.py`)."""
+def convert(prepared: nn.Module, upsampling_in_int8: bool | None = None) -> torch.fx.GraphModule:
+    """The int8 model from a prepared one whose observers hold their scales and zero points: PyTorch's conversion, then,
+    where `upsampling_in_int8` (None: `int8_upsampling_pays()`), the transposed convolutions it leaves in fp32 moved to
+    int8 (`upsample_in_int8`)."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted = convert_fx(prepared)
+    if upsampling_in_int8 is None:
+        upsampling_in_int8 = int8_upsampling_pays()
     return upsample_in_int8(converted) if upsampling_in_int8 else converted
+
+
+def int8_upsampling_pays() -> bool:
+    """Whether the transposed convolutions run in int8 by default: on CPUs with VNNI (int8 dot products summed without
+    int16 saturation) that made stage 1's forward pass 14-15 % faster and moved validation HC by at most 0.15 mm an
+    image; with oneDNN limited to AVX2 it was no faster and moved one image by 1.2 mm (docs/performance.md)."""
+    is_vnni_supported = getattr(torch.cpu, "_is_vnni_supported", None)  # private in torch 2.13: absent means no
+    return bool(is_vnni_supported()) if is_vnni_supported is not None else False
 
 
 def as_1x1_convolution(transposed: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor | None]:
