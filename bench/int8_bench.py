@@ -14,7 +14,6 @@ the int8 landmarks are from the fp32 ones. Prints a table and writes bench/resul
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -89,19 +88,22 @@ def main() -> None:
     images = [resize_to_model(read_image(os.path.join(os.path.dirname(SAMPLE_MANIFEST), p)).pixels, config.input_size)[0]
               for p in manifest["image_path"][:FORWARD_BATCH]]
     batch = to_model_input(np.stack(images))
-    variants = {"fp32 channels_last": fp32}
+
+    def int8(engine: str, upsampling_in_int8: bool) -> torch.nn.Module:
+        return to_int8(load_model(args.model)[0], payload["int8_quantization"], config.input_size, engine, upsampling_in_int8=upsampling_in_int8)
+
+    # name -> (model, the quantized engine its weights were packed for)
+    variants = {"fp32 channels_last": (fp32, "onednn")}
     for engine in ("onednn", "x86"):
         if engine in torch.backends.quantized.supported_engines:
-            variants[f"int8 {engine}"] = to_int8(copy.deepcopy(load_model(args.model)[0]), payload["int8_quantization"], config.input_size, engine,
-                                                 upsampling_in_int8=True)
-    variants["int8 onednn, upsampling fp32"] = to_int8(copy.deepcopy(load_model(args.model)[0]), payload["int8_quantization"], config.input_size,
-                                                        upsampling_in_int8=False)
+            variants[f"int8 {engine}"] = (int8(engine, True), engine)
+    variants["int8 onednn, upsampling fp32"] = (int8("onednn", False), "onednn")
     timings = {threads: {name: [] for name in variants} for threads in (1, 2)}
     for _ in range(args.repeats):
         for threads in timings:
             torch.set_num_threads(threads)
-            for name, model in variants.items():
-                torch.backends.quantized.engine = name.split()[1].rstrip(",") if name.startswith("int8") else "onednn"  # the engine the weights were packed for
+            for name, (model, engine) in variants.items():
+                torch.backends.quantized.engine = engine
                 timings[threads][name].append(ms_per_image(model, batch))
     results = {
         **provenance(), "torch": torch.__version__,
