@@ -1,9 +1,9 @@
 """Does `calibrate` give back a model file's stored stage-1 int8 parameters? And what do the ones it picks today change?
 
-Why: the shipped file's int8 parameters were chosen once, by an earlier version of `calibrate`. This chooses them again the
-way `calibrate_model` does (the same 64 training images, brightness clamp and stage-1 input), lists each activation whose
-scale or zero point differs from the stored one, and writes a copy of the file with today's parameters and nothing else
-changed, to be measured beside the stored file:
+Why: the shipped file's int8 parameters were chosen once, by an earlier version of `calibrate`. This chooses them again on the
+images `calibrate_model` chooses (`calibrate.int8_parameter_images`), lists each activation whose scale or zero point
+differs from the stored one, and writes a copy of the file with today's parameters and nothing else changed, to be
+measured beside the stored file:
 
     python studies/int8_recalibration.py --model fetalpipe/assets/model.pt --manifest runs/hc18.csv \
         --output runs/model_today_scales.pt --results studies/results/int8_recalibration.json
@@ -18,15 +18,12 @@ import json
 import os
 import sys
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fetalpipe.data.imaging import clamp_brightness, read_image  # noqa: E402
 from fetalpipe.model.model_file import load_model  # noqa: E402
-from fetalpipe.model.quantize import CALIBRATION_IMAGES, observe_quantization  # noqa: E402
-from fetalpipe.pipeline.calibrate import training_split  # noqa: E402
-from fetalpipe.pipeline.preprocess import stage1_input  # noqa: E402
+from fetalpipe.model.quantize import observe_quantization  # noqa: E402
+from fetalpipe.pipeline.calibrate import int8_parameter_images, training_split  # noqa: E402
 
 SCALE_TOLERANCE = 1e-6  # relative: below it, a scale differs only by float32 rounding of the stored value
 
@@ -41,9 +38,7 @@ def main() -> None:
 
     model, config, payload = load_model(args.model)
     stored = payload["int8_quantization"]
-    paths = sorted(training_split(args.manifest, config)["image_path"])  # as calibrate_model chooses them
-    chosen = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(CALIBRATION_IMAGES, len(paths)))]
-    images = np.stack([stage1_input(clamp_brightness(read_image(path).pixels), config.input_size)[0] for path in chosen])
+    _, _, images = int8_parameter_images(training_split(args.manifest, config), config.input_size)  # as calibrate_model chooses them
     today = observe_quantization(model, images)
     differing = {name: {"stored": stored[name], "today": today[name], "scale_change": today[name][0] / stored[name][0] - 1}
                  for name in stored if abs(today[name][0] / stored[name][0] - 1) > SCALE_TOLERANCE or today[name][1] != stored[name][1]}

@@ -26,7 +26,7 @@ def sample_images(input_size: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("upsampling_in_int8", [True, False])
 def test_shipped_int8_model_measures_like_fp32(upsampling_in_int8):
     """The shipped file runs in int8 (quantized convolutions), with its upsampling in int8 or fp32, and its landmarks stay
-    within a pixel or two of fp32's. Which upsampling the actors get depends on the CPU (`int8_upsampling_pays`)."""
+    within a pixel or two of fp32's. Which upsampling the actors get depends on the CPU: the refinement-stage test below."""
     fp32, config, payload = load_inference_model(DEFAULT_MODEL_PATH, "fp32")
     int8 = to_int8(load_model(DEFAULT_MODEL_PATH)[0], payload["int8_quantization"], config.input_size, upsampling_in_int8=upsampling_in_int8)
     assert any(isinstance(module, torch.ao.nn.quantized.Conv2d) for module in int8.modules())
@@ -35,8 +35,6 @@ def test_shipped_int8_model_measures_like_fp32(upsampling_in_int8):
     upsamplers_in_int8 = sum(isinstance(module, Int8Upsample2x) for module in int8.modules())
     upsamplers_in_fp32 = sum(isinstance(module, torch.nn.ConvTranspose2d) for module in int8.modules())
     assert (upsamplers_in_int8, upsamplers_in_fp32) == ((config.model.depth, 0) if upsampling_in_int8 else (0, config.model.depth))
-    actors_model, _, _ = load_inference_model(DEFAULT_MODEL_PATH, "int8")
-    assert any(isinstance(module, Int8Upsample2x) for module in actors_model.modules()) == int8_upsampling_pays()
     images, original_sizes = sample_images(config.input_size)
     codec = config.codec()
     with torch.inference_mode():
@@ -142,6 +140,8 @@ def test_shipped_refinement_stage_runs_in_int8_close_to_fp32():
 
     fp32, int8 = LandmarkPredictor(DEFAULT_MODEL_PATH, threads=1, precision="fp32"), LandmarkPredictor(DEFAULT_MODEL_PATH, threads=1, precision="int8")
     assert any(isinstance(module, torch.ao.nn.quantized.Conv2d) for module in int8.refinement.modules())
+    # The actors' upsampling, in both stages, follows the CPU (`int8_upsampling_pays`).
+    assert any(isinstance(module, Int8Upsample2x) for module in int8.model.modules()) == int8_upsampling_pays()
     assert any(isinstance(module, Int8Upsample2x) for module in int8.refinement.modules()) == int8_upsampling_pays()
     manifest = pd.read_csv(SAMPLE_MANIFEST).head(8)
     originals = [read_image(os.path.join(os.path.dirname(SAMPLE_MANIFEST), path)).pixels for path in manifest["image_path"]]

@@ -31,21 +31,15 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
     signals in mm, and `review.fit_without_spacing` for rows without a pixel spacing), and write them all into the model file. The measurement stays in OUTPUT.calibration/
     (predictions and an evaluate report of the training split); like any inference output it must be on storage
     every node can reach. Returns the fit and the split's HC MAE before and after."""
-    from fetalpipe.data.imaging import clamp_brightness, read_image
     from fetalpipe.model.model_file import load_model, load_refinement_model, refinement_entries, save_model
-    from fetalpipe.model.quantize import CALIBRATION_IMAGES, observe_quantization
-    from fetalpipe.pipeline.preprocess import stage1_input
+    from fetalpipe.model.quantize import observe_quantization
 
     model_path = storage.local_copy(model_path)
     model, config, payload = load_model(model_path)
     train_table = training_split(manifest_path, config)
     work_dir = storage.absolute(output_path) + ".calibration"
     storage.makedirs(work_dir)
-    # Evenly spaced over the split, sorted by path: the same images on every rerun.
-    paths = sorted(train_table["image_path"])
-    chosen = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(CALIBRATION_IMAGES, len(paths)))]
-    decoded = [clamp_brightness(read_image(path).pixels) for path in chosen]  # as the inference actors see them
-    images = np.stack([stage1_input(pixels, config.input_size)[0] for pixels in decoded])
+    chosen, decoded, images = int8_parameter_images(train_table, config.input_size)
     int8_quantization = observe_quantization(model, images)
     refinement_int8_quantization = None
     refinement = load_refinement_model(config, payload, model_path)
@@ -74,6 +68,20 @@ def calibrate_model(model_path: str, manifest_path: str, output_path: str, ray_a
     save_model(output_path, payload["state_dict"], config, metrics=payload.get("metrics"), training=payload.get("training"), calibration=summary,
                int8_quantization=int8_quantization, review=review_rule.to_dict(), review_without_spacing=review_rule_without_spacing.to_dict(), **weights)
     return summary
+
+
+def int8_parameter_images(train_table, input_size: int) -> tuple[list[str], list[np.ndarray], np.ndarray]:
+    """The training images the int8 parameters are chosen on: up to `quantize.CALIBRATION_IMAGES`, evenly spaced over the
+    split sorted by path (the same images on every rerun) -> (their paths, their pixels as the inference actors see them,
+    float32 [N, S, S] stage-1 inputs)."""
+    from fetalpipe.data.imaging import clamp_brightness, read_image
+    from fetalpipe.model.quantize import CALIBRATION_IMAGES
+    from fetalpipe.pipeline.preprocess import stage1_input
+
+    paths = sorted(train_table["image_path"])
+    chosen = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(CALIBRATION_IMAGES, len(paths)))]
+    decoded = [clamp_brightness(read_image(path).pixels) for path in chosen]
+    return chosen, decoded, np.stack([stage1_input(pixels, input_size)[0] for pixels in decoded])
 
 
 def training_split(manifest_path: str, config):
