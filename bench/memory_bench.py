@@ -1,37 +1,47 @@
 """Scale benchmark: peak memory and img/s of `fetalpipe infer` on archives of 1k and 20k images.
 
     python bench/memory_bench.py --hc18 ../shared/data/hc18 --sizes 1000 20000
+    python bench/memory_bench.py --hc18 ../shared/data/hc18 --sizes 1000 --frame-scales 1 2.4 --results bench/results/memory_frame_size.json
 
 The archive is synthetic: N file names hard-linked to the 335 HC18 test_set images (flipped variants),
 so it costs no disk. Every name is a separate input row with its own hash and output row.
 Memory is the sum of PSS (proportional set size: shared pages such as Ray's object store
 counted once) over every process of the run (driver, raylet, GCS, workers, actors), sampled every 0.5 s.
-Prints a table and writes bench/results/memory.json."""
+`--frame-scales` runs each archive again with its frames resized (2.4: 1920 x 1296, a full-HD screenshot's size): the
+refinement stage reads each frame at its own size, so an actor's batch holds every frame of it in full. Prints a table
+and writes bench/results/memory.json (or --results)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
+import cv2
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import infer_bench  # noqa: E402  (this folder; shares the archive builder)
-from fetalpipe.model.model_file import DEFAULT_MODEL_PATH  # noqa: E402
+from bench_record import provenance  # noqa: E402  (this folder)
+from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, file_sha256  # noqa: E402
 
 
-def build_archive(hc18_dir: str, size: int, folder: str) -> str:
-    """`size` names hard-linked to infer_bench's test-set images and their mirror images."""
+def build_archive(hc18_dir: str, size: int, folder: str, frame_scale: float = 1.0) -> str:
+    """`size` names hard-linked to infer_bench's test-set images and their mirror images, each resized by `frame_scale`
+    (its pixel spacing divided by it: the same heads in larger or smaller frames)."""
     originals = os.path.join(folder, "originals")
     os.makedirs(originals, exist_ok=True)
     sources = pd.read_csv(infer_bench.build_archive(hc18_dir, 2, originals))
+    if frame_scale != 1.0:
+        for path in sources["image_path"]:
+            image = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+            cv2.imwrite(path, cv2.resize(image, None, fx=frame_scale, fy=frame_scale, interpolation=cv2.INTER_LINEAR))
+        sources["pixel_spacing_mm"] = sources["pixel_spacing_mm"] / frame_scale
     archive = os.path.join(folder, "archive")
     os.makedirs(archive, exist_ok=True)
     rows = []
@@ -106,23 +116,27 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hc18", default="../shared/data/hc18")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 20000])
+    parser.add_argument("--frame-scales", type=float, nargs="+", default=[1.0],
+                        help="each archive again with its frames resized by these factors (HC18's are 800 x 540)")
     parser.add_argument("--model", default=DEFAULT_MODEL_PATH)
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "memory.json"))
     args = parser.parse_args()
-    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "runs": []}
-    for size in args.sizes:
-        with tempfile.TemporaryDirectory() as folder:
-            manifest = build_archive(args.hc18, size, folder)
-            run = measure(manifest, os.path.join(folder, "out"), args.model, args.actors, args.batch_size)
-            results["runs"].append(run)
-            print(json.dumps(run), flush=True)
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "memory.json"), "w") as handle:
+    results = {**provenance(), "command": " ".join(["python", *sys.argv]), "model_sha256": file_sha256(args.model), "runs": []}
+    for frame_scale in args.frame_scales:
+        for size in args.sizes:
+            with tempfile.TemporaryDirectory() as folder:
+                manifest = build_archive(args.hc18, size, folder, frame_scale)
+                run = {"frame_scale": frame_scale, **measure(manifest, os.path.join(folder, "out"), args.model, args.actors, args.batch_size)}
+                results["runs"].append(run)
+                print(json.dumps(run), flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    with open(args.results, "w") as handle:
         json.dump(results, handle, indent=2)
-    print(f"{'images':>8s} {'img/s e2e':>10s} {'peak GiB':>9s} {'median GiB 1st half':>20s} {'2nd half':>9s}")
+    print(f"{'frames ×':>8s} {'images':>8s} {'img/s e2e':>10s} {'peak GiB':>9s} {'median GiB 1st half':>20s} {'2nd half':>9s}")
     for run in results["runs"]:
-        print(f"{run['images']:8d} {run['img_per_s_end_to_end']:10.2f} {run['peak_pss_gib']:9.3f} "
+        print(f"{run['frame_scale']:8.2f} {run['images']:8d} {run['img_per_s_end_to_end']:10.2f} {run['peak_pss_gib']:9.3f} "
               f"{run['median_pss_gib_first_half']:20.3f} {run['median_pss_gib_second_half']:9.3f}")
 
 
