@@ -418,3 +418,35 @@ def test_a_flagged_frame_turned_with_its_scan_is_measured_upright_and_its_points
     clean_centres = np.stack([m[:, :2] @ c.mean(axis=0) + m[:, 2] for m, c in zip(maps, clean_points)])  # in the turned frame
     assert np.abs(upright_points.mean(axis=1) - clean_centres).max() < 4.0  # px, in the turned frame
     assert np.abs(upright_hc_mm - clean_hc_mm).max() < 1.5
+
+
+def test_an_actor_measures_a_batch_in_parts_of_bounded_decoded_size_with_the_same_rows(tmp_path):
+    """Frames are decoded a bounded part of the batch at a time (`preprocess.decoded_chunks`): parts never hold more than
+    the budget (one row at least), keep the rows' order, and the actor's output is the same whatever the parts."""
+    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH
+    from fetalpipe.pipeline.infer import LandmarkPredictor
+    from fetalpipe.pipeline.preprocess import decoded_chunks
+
+    table = pd.read_csv(SAMPLE_MANIFEST).head(5)
+    paths = [os.path.join(SAMPLE_DIR, path) for path in table["image_path"]]
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    paths.insert(2, str(tmp_path / "corrupt.png"))
+    batch = {"image_path": np.array(paths, dtype=object), "pixel_spacing_mm": np.full(len(paths), 0.15),
+             "run_id": np.full(len(paths), "t", dtype=object)}
+
+    assert {cv2.imread(path, cv2.IMREAD_GRAYSCALE).shape for path in paths if "corrupt" not in path} == {(540, 800)}
+    input_bytes = 256 * 256 * 4  # a model input, float32
+    frame_bytes = 800 * 540 * 4 + input_bytes  # a frame as float32, with its model input
+    parts = list(decoded_chunks(batch, 256, keep_original=True, max_decoded_bytes=2 * frame_bytes + input_bytes))
+    assert [len(part["image_path"]) for part in parts] == [3, 2, 1]  # the corrupt row holds only its (empty) model input
+    assert [path for part in parts for path in part["image_path"]] == paths
+    assert [status for part in parts for status in part["status"]] == ["ok", "ok", "error", "ok", "ok", "ok"]
+    assert len(list(decoded_chunks(batch, 256, keep_original=True, max_decoded_bytes=1))) == len(paths)
+
+    whole = LandmarkPredictor(DEFAULT_MODEL_PATH, threads=1, precision="int8")(dict(batch))
+    by_row = LandmarkPredictor(DEFAULT_MODEL_PATH, threads=1, precision="int8", max_decoded_bytes=1)(dict(batch))
+    assert set(whole) == set(by_row)
+    assert list(by_row["image_path"]) == paths and list(by_row["status"]) == list(whole["status"])
+    for column in (*LANDMARK_COLUMNS, "hc_ellipse_mm", "confidence"):
+        np.testing.assert_allclose(np.asarray(by_row[column], float), np.asarray(whole[column], float), atol=1e-6)
+    assert list(by_row["needs_review"]) == list(whole["needs_review"])

@@ -42,6 +42,9 @@ MODEL_CPU_SHARE = 0.75
 # fastest (21-25 ms, against 27-30 at 16 and 31-33 at 64). The refinement stage's small polar crops at 32 (int8 2.4-2.8
 # ms, against 2.8-3.5 at 8). The Ray batch stays large, which keeps per-task and per-file overhead low.
 FORWARD_BATCH = 8
+# Decoded pixels an actor holds at once (`preprocess.decoded_chunks`): a batch of HC18 frames (2 MB each as float32, with
+# the model input) is one part; a batch of full-HD screenshots (10 MB each) is measured in parts of about 25 rows.
+MAX_DECODED_BYTES = 256 * 2**20
 REFINEMENT_FORWARD_BATCH = 32
 
 class ActorStartError(RuntimeError):
@@ -214,7 +217,7 @@ class LandmarkPredictor:
     write itself (milliseconds), on machines where every core is already running a model."""
 
     def __init__(self, model_path: str, threads: int, flip_average: bool = False, predictions_dir: str | None = None, overlay_dir: str | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", max_decoded_bytes: int = MAX_DECODED_BYTES):
         import torch
 
         from fetalpipe.measure.calibration import SizeCalibration
@@ -236,6 +239,7 @@ class LandmarkPredictor:
         self.flip_average = flip_average
         self.predictions_dir = predictions_dir
         self.overlay_dir = overlay_dir
+        self.max_decoded_bytes = max_decoded_bytes
 
     def predict_heatmaps(self, images: np.ndarray) -> np.ndarray:
         import torch
@@ -426,10 +430,24 @@ class LandmarkPredictor:
         return replaced
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if "image" not in batch:  # decode_in="actors": not decoded upstream
-            from fetalpipe.pipeline.preprocess import decode_batch
+        from fetalpipe.pipeline.preprocess import concatenate_rows, decoded_chunks
 
-            batch = decode_batch(batch, self.codec.input_size, keep_original=self.refinement is not None)
+        if "image" in batch:  # decode_in="tasks": decoded upstream
+            output = self.measure_decoded(batch)
+        else:  # decoded here, a bounded part of the batch at a time
+            output = concatenate_rows([self.measure_decoded(chunk) for chunk in decoded_chunks(
+                batch, self.codec.input_size, keep_original=self.refinement is not None, max_decoded_bytes=self.max_decoded_bytes)])
+        if self.overlay_dir:
+            output = draw_overlays_batch(output, self.overlay_dir)
+        if self.predictions_dir is None:
+            return output
+        write_batch(output, self.predictions_dir)
+        count = len(output["image_path"])
+        return {"rows_written": np.array([count]), "errors": np.array([int((output["status"] == "error").sum())]),
+                "needs_review": np.array([int(np.sum(output["needs_review"]))])}
+
+    def measure_decoded(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Output rows (landmarks, biometry, review) for a decoded batch (`preprocess.decode_batch`)."""
         count = len(batch["image_path"])
         points_original = np.full((count, 4, 2), np.nan)
         confidence = np.full(count, np.nan)
@@ -464,13 +482,7 @@ class LandmarkPredictor:
         output["model_sha256"] = np.full(count, self.model_sha256, dtype=object)
         output["precision"] = np.full(count, self.precision, dtype=object)
         output["fetalpipe_version"] = np.full(count, __version__, dtype=object)
-        if self.overlay_dir:
-            output = draw_overlays_batch(output, self.overlay_dir)
-        if self.predictions_dir is None:
-            return output
-        write_batch(output, self.predictions_dir)
-        return {"rows_written": np.array([count]), "errors": np.array([int((output["status"] == "error").sum())]),
-                "needs_review": np.array([int(np.sum(output["needs_review"]))])}
+        return output
 
 
 def plausibility_signals(points_original_px: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> dict[str, np.ndarray]:

@@ -79,6 +79,28 @@ def decode_batch(batch: dict[str, np.ndarray], input_size: int, keep_original: b
     }
 
 
+def decoded_chunks(batch: dict[str, np.ndarray], input_size: int, keep_original: bool, max_decoded_bytes: int):
+    """`decode_batch` of the batch, yielded as sub-batches of consecutive rows that each hold at most `max_decoded_bytes` of
+    decoded pixels (model inputs and originals; at least one row), so that what an actor holds at once does not grow with the
+    frames' size: 64 full-HD screenshots are 0.6 GiB of float32 originals, 64 4K frames 2 GiB (`bench/memory_bench.py`)."""
+    held_rows, held_bytes = [], 0
+    for index in range(len(batch["image_path"])):
+        row = decode_batch({key: value[index:index + 1] for key, value in batch.items()}, input_size, keep_original)
+        row_bytes = row["image"].nbytes + sum(pixels.nbytes for pixels in row.get("original_pixels", ()) if pixels is not None)
+        if held_rows and held_bytes + row_bytes > max_decoded_bytes:
+            yield concatenate_rows(held_rows)
+            held_rows, held_bytes = [], 0
+        held_rows.append(row)
+        held_bytes += row_bytes
+    if held_rows:
+        yield concatenate_rows(held_rows)
+
+
+def concatenate_rows(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Batches with the same keys, one after the other."""
+    return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+
+
 def transforms_of(batch: dict[str, np.ndarray], input_size: int) -> list[ResizeTransform]:
     """Each row's transform, from the size and scan region `decode_batch` recorded."""
     return [
