@@ -42,10 +42,11 @@ MODEL_CPU_SHARE = 0.75
 # fastest (21-25 ms, against 27-30 at 16 and 31-33 at 64). The refinement stage's small polar crops at 32 (int8 2.4-2.8
 # ms, against 2.8-3.5 at 8). The Ray batch stays large, which keeps per-task and per-file overhead low.
 FORWARD_BATCH = 8
-# Decoded pixels an actor holds at once (`preprocess.decoded_chunks`): a batch of HC18 frames (2 MB each as float32, with
-# the model input) is one part; a batch of full-HD screenshots (10 MB each) is measured in parts of about 25 rows.
-MAX_DECODED_BYTES = 256 * 2**20
 REFINEMENT_FORWARD_BATCH = 32
+# Decoded pixels an actor that decodes its own batch holds at once (`preprocess.decoded_chunks`): a batch of HC18 frames
+# (2 MB each as float32, with the model input) is one part; one of full-HD screenshots (10 MB each) parts of about 25 rows.
+MAX_DECODED_BYTES = 256 * 2**20
+
 
 class ActorStartError(RuntimeError):
     """The model actors failed in their constructor (a model file whose weights do not fit, a node without torch):
