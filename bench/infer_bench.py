@@ -33,11 +33,16 @@ from fetalpipe.pipeline.infer import LandmarkPredictor, resolve_precision  # noq
 from bench_record import provenance  # noqa: E402  (bench/, the script's own folder)
 
 
-def build_archive(hc18_dir: str, copies: int, folder: str) -> str:
+def build_archive(hc18_dir: str, copies: int, folder: str, frame_scale: float = 1.0) -> str:
+    """The test set and its flipped copies in FOLDER, each frame resized by `frame_scale` (its pixel spacing divided by
+    it: the same heads in larger or smaller frames); returns the manifest's path."""
     spacing = pd.read_csv(os.path.join(hc18_dir, "test_set_pixel_size.csv"))
     rows = []
     for filename, pixel_spacing_mm in spacing.itertuples(index=False):
         image = cv2.imread(os.path.join(hc18_dir, "test_set", filename), cv2.IMREAD_GRAYSCALE)
+        if frame_scale != 1.0:
+            image = cv2.resize(image, None, fx=frame_scale, fy=frame_scale, interpolation=cv2.INTER_LINEAR)
+            pixel_spacing_mm = pixel_spacing_mm / frame_scale
         for copy in range(copies):
             variant = [image, cv2.flip(image, 1), cv2.flip(image, 0), cv2.flip(image, -1)][copy % 4]
             path = os.path.join(folder, f"{copy}_{filename}")

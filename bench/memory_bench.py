@@ -22,7 +22,6 @@ import tempfile
 import threading
 import time
 
-import cv2
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,12 +35,7 @@ def build_archive(hc18_dir: str, size: int, folder: str, frame_scale: float = 1.
     (its pixel spacing divided by it: the same heads in larger or smaller frames)."""
     originals = os.path.join(folder, "originals")
     os.makedirs(originals, exist_ok=True)
-    sources = pd.read_csv(infer_bench.build_archive(hc18_dir, 2, originals))
-    if frame_scale != 1.0:
-        for path in sources["image_path"]:
-            image = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-            cv2.imwrite(path, cv2.resize(image, None, fx=frame_scale, fy=frame_scale, interpolation=cv2.INTER_LINEAR))
-        sources["pixel_spacing_mm"] = sources["pixel_spacing_mm"] / frame_scale
+    sources = pd.read_csv(infer_bench.build_archive(hc18_dir, 2, originals, frame_scale))
     archive = os.path.join(folder, "archive")
     os.makedirs(archive, exist_ok=True)
     rows = []

@@ -21,6 +21,7 @@ import sys
 
 import cv2
 import numpy as np
+import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -41,28 +42,26 @@ SCALES = (0.94, 0.97, 1.0, 1.03, 1.06)
 SHARES = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
 
 
-def toward_fixed_point(measured: dict[float, np.ndarray], prior_hc_mm: np.ndarray, share: float) -> np.ndarray:
-    """Per image: stage 2's HC at scale 1 moved `share` of the way to the size at which it returns its prior's size,
-    from a least-squares line log(HC) = a + b log(scale) (b, the lean). An image whose b is 1 or more keeps its measurement."""
-    slope = lean_slopes(measured)
+def fixed_point_hc(measured: dict[float, np.ndarray], prior_hc_mm: np.ndarray, slope: np.ndarray) -> np.ndarray:
+    """Per image: the HC (mm) at which stage 2 returns its prior's size, from the least-squares line
+    log(HC) = a + b log(scale) whose slope b (the lean, `prior_scale.lean_slopes`) is given. A stage that follows its
+    prior's size fully or more (b >= 1) has no such point: it keeps its measurement at scale 1."""
     log_scales = np.log(np.array(list(measured)))
     intercept = np.log(np.stack(list(measured.values()))).mean(axis=0) - slope * log_scales.mean()
     with np.errstate(divide="ignore", invalid="ignore"):
         fixed_point_log_scale = (intercept - np.log(prior_hc_mm)) / (1 - slope)
-    fixed_point_hc_mm = np.exp(intercept + slope * fixed_point_log_scale)
-    # A stage that follows its prior's size fully or more (slope >= 1) has no fixed point to move toward: kept as measured.
-    fixed_point_hc_mm = np.where(slope < 1, fixed_point_hc_mm, measured[1.0])
-    return measured[1.0] + share * (fixed_point_hc_mm - measured[1.0])
+    return np.where(slope < 1, np.exp(intercept + slope * fixed_point_log_scale), measured[1.0])
 
 
-def measured_split(predictor, manifest: str, images: list[np.ndarray] | None = None):
-    """(table, stage 2's HC behind each scaled prior, the stage-1 prior's own HC in mm) for a labelled manifest."""
-    table = load_manifest(manifest, require_landmarks=True).reset_index(drop=True)
-    images = images if images is not None else [cv2.imread(path, cv2.IMREAD_GRAYSCALE) for path in table["image_path"]]
+def measured_split(predictor, table: pd.DataFrame, images: list[np.ndarray]) -> dict:
+    """For labelled images: stage 2's HC behind stage 1's prior (``hc_mm``, mm), its lean on the prior's size
+    (``lean``) and the HC at its fixed point (``fixed_point_hc_mm``), per image."""
     priors, originals = stage_outputs(predictor, table, images)
     spacing_mm = table["pixel_spacing_mm"].to_numpy(float)
     prior_hc_mm = biometry_mm(ellipse_geometry.to_endpoints(priors), spacing_mm)["hc_ellipse_mm"]
-    return table, hc_behind_scaled_priors(predictor, originals, priors, spacing_mm, SCALES), prior_hc_mm
+    measured = hc_behind_scaled_priors(predictor, originals, priors, spacing_mm, SCALES)
+    lean = lean_slopes(measured)
+    return {"hc_mm": measured[1.0], "lean": lean, "fixed_point_hc_mm": fixed_point_hc(measured, prior_hc_mm, lean)}
 
 
 def main() -> None:
@@ -74,20 +73,23 @@ def main() -> None:
     parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "prior_lean.json"))
     args = parser.parse_args()
 
-    model_path, predictor, _, val_images = load_labelled_images(args.manifest, args.model, args.threads)
-    splits = {"train": measured_split(predictor, args.train_manifest), "validation": measured_split(predictor, args.manifest, val_images)}
+    model_path, predictor, val_table, val_images = load_labelled_images(args.manifest, args.model, args.threads)
+    train_table = load_manifest(args.train_manifest, require_landmarks=True).reset_index(drop=True)
+    train_images = [cv2.imread(path, cv2.IMREAD_GRAYSCALE) for path in train_table["image_path"]]
+    tables = {"train": train_table, "validation": val_table}
+    splits = {"train": measured_split(predictor, train_table, train_images), "validation": measured_split(predictor, val_table, val_images)}
     rows = []
-    for share in SHARES:
-        hc_mm = {name: toward_fixed_point(measured, prior_hc_mm, share) for name, (_, measured, prior_hc_mm) in splits.items()}
-        line = SizeCalibration.fit(hc_mm["train"], splits["train"][0]["hc_mm"].to_numpy(float))
+    for share in SHARES:  # each split's measurement moved `share` of the way to its fixed point
+        hc_mm = {name: split["hc_mm"] + share * (split["fixed_point_hc_mm"] - split["hc_mm"]) for name, split in splits.items()}
+        line = SizeCalibration.fit(hc_mm["train"], train_table["hc_mm"].to_numpy(float))
         row = {"share": share}
-        for name, (table, _, _) in splits.items():
+        for name, table in tables.items():
             errors = np.abs(hc_mm[name] * line.scale(hc_mm[name]) - table["hc_mm"].to_numpy(float))
             row[name] = {"hc_mae_mm": float(np.nanmean(errors)), "above_5mm": int((errors > review.LARGE_ERROR_MM).sum())}
         rows.append(row)
 
-    slopes = {name: {"median": float(np.nanmedian(lean_slopes(measured))), "images_at_1_or_more": int(np.sum(lean_slopes(measured) >= 1))}
-              for name, (_, measured, _) in splits.items()}
+    slopes = {name: {"median": float(np.nanmedian(split["lean"])), "images_at_1_or_more": int(np.sum(split["lean"] >= 1))}
+              for name, split in splits.items()}
     print("lean (slope of log HC on log prior scale): " + ", ".join(
         f"{name} median {lean['median']:.3f}, {lean['images_at_1_or_more']} images at 1 or more (kept as measured)" for name, lean in slopes.items()))
     print("| share of the way to the fixed point | training HC MAE (mm) | > 5 mm | validation HC MAE (mm) | > 5 mm |\n|---|---|---|---|---|")
