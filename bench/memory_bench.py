@@ -2,13 +2,15 @@
 
     python bench/memory_bench.py --hc18 ../shared/data/hc18 --sizes 1000 20000
     python bench/memory_bench.py --hc18 ../shared/data/hc18 --sizes 1000 --frame-scales 1 2.4 --results bench/results/memory_frame_size.json
+    python bench/memory_bench.py --hc18 ../shared/data/hc18 --sizes 1000 --frame-scales 2.4 --decode-in tasks --results bench/results/memory_decode_in_tasks.json
 
 The archive is synthetic: N file names hard-linked to the 335 HC18 test_set images (flipped variants),
 so it costs no disk. Every name is a separate input row with its own hash and output row.
 Memory is the sum of PSS (proportional set size: shared pages such as Ray's object store
 counted once) over every process of the run (driver, raylet, GCS, workers, actors), sampled every 0.5 s.
 `--frame-scales` runs each archive again with its frames resized (2.4: 1920 x 1296, a full-HD screenshot's size): the
-refinement stage reads each frame at its own size, so an actor's batch holds every frame of it in full. Prints a table
+refinement stage reads each frame at its own size, so an actor's batch holds every frame of it in full. `--decode-in tasks`
+measures the separate decoding stage, which hands whole decoded batches to the actors. Prints a table
 and writes bench/results/memory.json (or --results)."""
 
 from __future__ import annotations
@@ -70,9 +72,9 @@ def session_pss_bytes(session_id: int) -> int:
     return total
 
 
-def measure(manifest: str, output: str, model_path: str, actors: int, batch_size: int) -> dict:
+def measure(manifest: str, output: str, model_path: str, actors: int, batch_size: int, decode_in: str = "actors") -> dict:
     command = ["fetalpipe", "infer", "--manifest", manifest, "--output", output, "--model", model_path,
-               "--actors", str(actors), "--batch-size", str(batch_size)]
+               "--actors", str(actors), "--batch-size", str(batch_size), "--decode-in", decode_in]
     samples = []
     started = time.perf_counter()
     process = subprocess.Popen(command, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=subprocess.DEVNULL,
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL_PATH)
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--decode-in", choices=["actors", "tasks"], default="actors", help="as `fetalpipe infer --decode-in`")
     parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "memory.json"))
     args = parser.parse_args()
     results = {**provenance(), "command": " ".join(["python", *sys.argv]), "model_sha256": file_sha256(args.model), "runs": []}
@@ -122,7 +125,8 @@ def main() -> None:
         for size in args.sizes:
             with tempfile.TemporaryDirectory() as folder:
                 manifest = build_archive(args.hc18, size, folder, frame_scale)
-                run = {"frame_scale": frame_scale, **measure(manifest, os.path.join(folder, "out"), args.model, args.actors, args.batch_size)}
+                run = {"frame_scale": frame_scale, "decode_in": args.decode_in,
+                       **measure(manifest, os.path.join(folder, "out"), args.model, args.actors, args.batch_size, args.decode_in)}
                 results["runs"].append(run)
                 print(json.dumps(run), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)

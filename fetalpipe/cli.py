@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--overwrite", action="store_true", help="measure every image again, replacing what OUT holds")
     command.add_argument("--flip-average", action="store_true", help="test-time augmentation: average with the mirrored image (2x cost)")
     command.add_argument("--decode-in", choices=("actors", "tasks"), default="actors",
-                         help="decode images inside the model actors (default; no hand-off) or in separate Ray tasks (heavy decoding)")
+                         help="decode images inside the model actors (default; no hand-off) or in separate Ray tasks (heavy decoding; "
+                              "every decoded frame is handed to the actors whole: about twice the memory with large frames)")
     command.add_argument("--precision", choices=("auto", "int8", "fp32"), default="auto",
                          help="auto (default): int8 when the model file has int8 parameters (written by `calibrate`; about 2x faster forward), else fp32")
     command.add_argument("--address", help=ADDRESS_HELP)

@@ -138,6 +138,26 @@ def test_contract_errors_resume_and_idempotency(ray_local, tiny_model_path, arch
     assert len(read_predictions(str(output))) == 10
 
 
+def test_decoding_in_separate_tasks_gives_the_actors_rows(ray_local, archive, tmp_path):
+    """`--decode-in tasks` hands decoded frames (the originals the refinement stage reads included) from Ray tasks to the
+    actors: the same rows, errors included, as decoding inside the actors."""
+    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH
+
+    tables = {}
+    for decode_in in ("actors", "tasks"):
+        options = InferOptions(output_dir=str(tmp_path / decode_in), manifest=str(archive), model_path=DEFAULT_MODEL_PATH, batch_size=4,
+                               actors=1, decode_in=decode_in, report=False, print_summary=False)
+        assert run_inference(options)["rows"] == 10
+        tables[decode_in] = read_predictions(str(tmp_path / decode_in)).sort_values("image_path").reset_index(drop=True)
+    actors, tasks = tables["actors"], tables["tasks"]
+    assert list(tasks["image_path"]) == list(actors["image_path"])
+    assert list(tasks["status"]) == list(actors["status"]) and (tasks["status"] == "ok").sum() == 5
+    assert list(tasks["error"].fillna("")) == list(actors["error"].fillna(""))
+    for column in (*LANDMARK_COLUMNS, "hc_mm", "outline_spread_mm", "confidence"):
+        np.testing.assert_allclose(tasks[column].to_numpy(float), actors[column].to_numpy(float), atol=1e-4, equal_nan=True)
+    assert list(tasks["needs_review"]) == list(actors["needs_review"])
+
+
 def test_folder_input_and_overwrite(ray_local, tiny_model_path, tmp_path, capsys):
     folder = tmp_path / "images"
     folder.mkdir()

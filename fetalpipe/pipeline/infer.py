@@ -67,7 +67,8 @@ class InferOptions:
     ray_address: str | None = None
     flip_average: bool = False  # test-time augmentation: average with the horizontally flipped image
     # "actors": each model actor decodes its own batch (no hand-off between processes; best when CPUs are few).
-    # "tasks": decoding runs in separate Ray tasks (best when decoding is heavy, e.g. large DICOMs).
+    # "tasks": decoding runs in separate Ray tasks (best when decoding is heavy, e.g. large DICOMs). Each decoded frame is
+    # then held in the task, the object store and the actor: about twice the memory with large frames (`bench/memory_bench.py`).
     decode_in: str = "actors"
     # "auto": int8 when the model file holds int8 quantization parameters (written by `fetalpipe calibrate`), else fp32.
     precision: str = "auto"
