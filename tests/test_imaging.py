@@ -24,6 +24,15 @@ def test_lossless_8bit_gray_formats_decode_exactly(extension):
     assert decoded.pixel_spacing_mm is None
 
 
+def test_every_level_decodes_to_the_float32_quotient_exactly():
+    """Each uint8 and uint16 level becomes float32(level) / max to the bit: the model's inputs and the size line fitted on
+    them stay what they were however the conversion is computed."""
+    for levels, maximum in ((np.arange(256, dtype=np.uint8).reshape(16, 16), 255.0),
+                            (np.arange(65536, dtype=np.uint16).reshape(256, 256), 65535.0)):
+        decoded = decode_image(encoded(levels, ".png")).pixels
+        np.testing.assert_array_equal(decoded, levels.astype(np.float32) / np.float32(maximum))
+
+
 def test_jpeg_decodes_close_to_source():
     smooth = cv2.GaussianBlur(GRAY, (9, 9), 3)
     decoded = decode_image(encoded(smooth, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, 95]))
