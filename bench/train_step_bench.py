@@ -2,8 +2,12 @@
 two 1-thread Ray workers ≈ 2 × the 1-thread figure, minus gradient all-reduce).
 
     python bench/train_step_bench.py --repeats 3
+    python bench/train_step_bench.py --repeats 3 --configs fast_deep --results bench/results/train_step_amx.json
 
-Prints a table (median img/s over repeats) and writes bench/results/train_step.json."""
+bf16 is timed with and without channels_last: on CPUs with native bf16 (AVX512_BF16, AMX) it is the fast one, elsewhere
+emulated and about 25x slower (`--no-bf16` skips it). Prints a table (median img/s over repeats) and writes
+bench/results/train_step.json (or --results), which records the machine; rows of configs not timed now are kept from the
+file only when it was written on the same kind of machine."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fetalpipe.model.networks import MODEL_CONFIGS, HeatmapUNet  # noqa: E402
+from bench_record import provenance  # noqa: E402  (bench/, the script's own folder)
 
 
 def images_per_second(config_name: str, threads: int, bf16: bool, channels_last: bool, batch_size: int, steps: int) -> float:
@@ -50,26 +55,29 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--configs", default="seed,fast")
     parser.add_argument("--no-bf16", action="store_true", help="skip bf16 (25x slower than fp32 on CPUs without native bf16)")
+    parser.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_step.json"))
     args = parser.parse_args()
     rows = []
-    variants = ((False, False), (False, True)) if args.no_bf16 else ((False, False), (False, True), (True, False))
+    variants = ((False, False), (False, True)) if args.no_bf16 else ((False, False), (False, True), (True, False), (True, True))
     for config_name in args.configs.split(","):
         for threads in (1, 2):
             for bf16, channels_last in variants:
                 rates = [images_per_second(config_name, threads, bf16, channels_last, args.batch_size, args.steps) for _ in range(args.repeats)]
                 rows.append({"config": config_name, "threads": threads, "bf16": bf16, "channels_last": channels_last, "img_per_s_median": round(statistics.median(rates), 2)})
                 print(f"{config_name:6s} threads={threads} bf16={bf16!s:5s} channels_last={channels_last!s:5s} {rows[-1]['img_per_s_median']:7.2f} img/s", flush=True)
-    machine = {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    path = os.path.join(os.path.dirname(__file__), "results", "train_step.json")
-    # Rows of configs not rerun now are kept, so the file can grow one config at a time.
+    machine = {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), **provenance()}
+    path = args.results
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # Rows of configs not rerun now are kept, so the file can grow one config at a time, but only from the same kind of machine.
     kept = []
     if os.path.exists(path):
         with open(path) as handle:
-            kept = [row for row in json.load(handle)["rows"] if row["config"] not in args.configs.split(",")]
+            stored = json.load(handle)
+        if stored["machine"].get("machine") == machine["machine"] and stored["machine"].get("cpu_features") == machine["cpu_features"]:
+            kept = [row for row in stored["rows"] if row["config"] not in args.configs.split(",")]
     with open(path, "w") as handle:
-        json.dump({"machine": machine, "batch_size": args.batch_size, "rows": kept + rows}, handle, indent=2)
-
+        json.dump({"machine": machine, "command": " ".join(["python", *sys.argv]), "batch_size": args.batch_size, "rows": kept + rows}, handle, indent=2)
 
 if __name__ == "__main__":
     main()

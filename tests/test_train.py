@@ -324,3 +324,32 @@ def test_a_stage1_prior_share_without_stored_priors_is_refused_before_training(s
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="must lie in"):
         RefinementConfig(stage1_prior_share=1.5)
+
+
+AMX_CPUINFO = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+AVX512_CPUINFO = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw avx512vl avx512dq avx512_vnni\n"
+GRAVITON3_CPUINFO = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+def test_native_bf16_is_read_from_the_cpus_flags_not_from_avx512_alone():
+    from fetalpipe.pipeline.train import native_bf16
+
+    assert native_bf16(AMX_CPUINFO) and native_bf16(GRAVITON3_CPUINFO)
+    assert not native_bf16(AVX512_CPUINFO)  # torch's own check says yes here, and bf16 is emulated
+    assert not native_bf16("processor\t: 0\nflags\t\t: fpu sse avx2\n") and not native_bf16("")
+
+
+def test_bf16_from_the_command_line_reaches_the_recipe_and_a_cpu_without_it_is_refused_before_training(monkeypatch, tmp_path, capsys):
+    """`--bf16` sets the recipe's bf16 (recorded in RUN_DIR/train_config.json like every field); on a local run whose CPU
+    would emulate bf16, the command stops before Ray starts and says why."""
+    import fetalpipe.pipeline.train as train
+    from fetalpipe.cli import main
+
+    assert resolve_config("ellipse_deep", {"bf16": True}).bf16 and not resolve_config("ellipse_deep", {"bf16": None}).bf16
+    assert resolve_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "stage1_bf16.yaml")).bf16
+    monkeypatch.setattr(train, "native_bf16", lambda cpuinfo_text=None: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code = main(["train", "--manifest", SAMPLE_MANIFEST, "--output", str(tmp_path / "run"), "--config", "ellipse_deep", "--bf16"])
+    assert code != 0
+    assert "bf16 needs a CPU with native bf16" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -98,7 +98,7 @@ class TrainConfig:
     loss_weighting: str = "uniform"
     augment: bool = False
     augmentation: str = "standard"  # with augment: a name in `augment.AUGMENT_PRESETS` ("standard": HC18-like frames)
-    bf16: bool = False
+    bf16: bool = False  # stage 1 under bf16 autocast (`fetalpipe train --bf16`): for CPUs with native bf16 (`train.native_bf16`)
     channels_last: bool = False
     val_fraction: float = 0.15
     init_from: str = ""  # a model file whose stage-1 weights start the training (fine-tuning); "" = random initialisation
