@@ -79,5 +79,6 @@ def main() -> None:
     with open(path, "w") as handle:
         json.dump({"machine": machine, "command": " ".join(["python", *sys.argv]), "batch_size": args.batch_size, "rows": kept + rows}, handle, indent=2)
 
+
 if __name__ == "__main__":
     main()

@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "seed (the seed report's baseline) | a YAML/JSON file (docs/experiments.md says what each measures)")
     command.add_argument("--stage1-model", help="with a refinement config: take stage 1 from this model file instead of training it")
     command.add_argument("--bf16", action="store_true",
-                         help="train stage 1 under bf16 autocast: about 1.9x faster on CPUs with native bf16 (AVX512_BF16, AMX), at the "
-                              "same accuracy in the runs measured (docs/experiments.md); refused on a CPU without it, where it is about 25x slower")
+                         help="train stage 1 under bf16 autocast: a run 1.6-1.7x faster on CPUs with native bf16 (AVX512_BF16, AMX), at the "
+                              "same accuracy in the runs measured (docs/experiments.md note 20); refused on a CPU without it, where it is about 25x slower")
     command.add_argument("--max-failures", type=int, default=2, help="times Ray Train restarts from the last checkpoint after a worker dies (default 2)")
     command.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                          help="skip the calibration that follows training (int8 parameters and size line into RUN_DIR/model_calibrated.pt)")

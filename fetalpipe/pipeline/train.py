@@ -86,8 +86,8 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
 def native_bf16(cpuinfo_text: str | None = None) -> bool:
-    """Whether this CPU computes in bf16 natively. bf16 autocast (`TrainConfig.bf16`) trained stage 1 1.9x faster than fp32
-    on a CPU with AMX, and about 25x slower on AVX2-only CPUs, which emulate it (docs/performance.md). torch's own check
+    """Whether this CPU computes in bf16 natively. bf16 autocast (`TrainConfig.bf16`) trained stage 1 1.6-1.7x faster than
+    fp32 on a CPU with AMX, and is about 25x slower on AVX2-only CPUs, which emulate it (docs/performance.md). torch's own check
     (`torch.ops.mkldnn._is_mkldnn_bf16_supported`) says yes to any AVX-512 CPU, so the flags are read instead."""
     if cpuinfo_text is None:
         try:
