@@ -30,11 +30,9 @@ NOTABLE_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8"
 
 
 def cpu_features() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next(line.split(":", 1)[1].split() for line in handle if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
+    from fetalpipe.pipeline.train import cpu_flags
+
+    flags = cpu_flags()
     return [flag for flag in NOTABLE_CPU_FLAGS if flag in flags]
 
 

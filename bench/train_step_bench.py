@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -65,8 +64,7 @@ def main() -> None:
                 rates = [images_per_second(config_name, threads, bf16, channels_last, args.batch_size, args.steps) for _ in range(args.repeats)]
                 rows.append({"config": config_name, "threads": threads, "bf16": bf16, "channels_last": channels_last, "img_per_s_median": round(statistics.median(rates), 2)})
                 print(f"{config_name:6s} threads={threads} bf16={bf16!s:5s} channels_last={channels_last!s:5s} {rows[-1]['img_per_s_median']:7.2f} img/s", flush=True)
-    machine = {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-               "cpu_capability": torch.backends.cpu.get_cpu_capability(), **provenance()}
+    machine = {**provenance(), "torch": torch.__version__}  # provenance names the CPU, its cores and torch's capability on it
     path = args.results
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # Rows of configs not rerun now are kept, so the file can grow one config at a time, but only from the same kind of machine.

@@ -436,9 +436,9 @@ class LandmarkPredictor:
 
         if "image" in batch:  # decode_in="tasks": decoded upstream
             output = self.measure_decoded(batch)
-        else:  # decoded here, a bounded part of the batch at a time
-            output = concatenate_rows([self.measure_decoded(chunk) for chunk in decoded_chunks(
-                batch, self.codec.input_size, keep_original=self.refinement is not None, max_decoded_bytes=self.max_decoded_bytes)])
+        else:  # decoded here, a bounded part of the batch at a time (`map` keeps no part alive while the next is decoded)
+            output = concatenate_rows(list(map(self.measure_decoded, decoded_chunks(
+                batch, self.codec.input_size, keep_original=self.refinement is not None, max_decoded_bytes=self.max_decoded_bytes))))
         if self.overlay_dir:
             output = draw_overlays_batch(output, self.overlay_dir)
         if self.predictions_dir is None:

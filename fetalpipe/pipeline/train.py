@@ -85,21 +85,26 @@ def _lr_factor(schedule: str, epoch: int, epochs: int) -> float:
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
-def native_bf16(cpuinfo_text: str | None = None) -> bool:
-    """Whether this CPU computes in bf16 natively. bf16 autocast (`TrainConfig.bf16`) trained stage 1 1.6-1.7x faster than
-    fp32 on a CPU with AMX, and is about 25x slower on AVX2-only CPUs, which emulate it (docs/performance.md). torch's own check
-    (`torch.ops.mkldnn._is_mkldnn_bf16_supported`) says yes to any AVX-512 CPU, so the flags are read instead."""
+def cpu_flags(cpuinfo_text: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags (x86's `flags`, ARM's `Features`), from /proc/cpuinfo; none where there is no such file."""
     if cpuinfo_text is None:
         try:
             with open("/proc/cpuinfo") as handle:
                 cpuinfo_text = handle.read()
         except OSError:
-            return False
+            return frozenset()
     for line in cpuinfo_text.splitlines():
         name, _, values = line.partition(":")
         if name.strip() in ("flags", "Features"):
-            return any(flag in values.split() for flag in NATIVE_BF16_FLAGS)
-    return False
+            return frozenset(values.split())
+    return frozenset()
+
+
+def native_bf16(cpuinfo_text: str | None = None) -> bool:
+    """Whether this CPU computes in bf16 natively. bf16 autocast (`TrainConfig.bf16`) trained stage 1 1.6-1.7x faster than
+    fp32 on a CPU with AMX, and is about 25x slower on AVX2-only CPUs, which emulate it (docs/performance.md). torch's own check
+    (`torch.ops.mkldnn._is_mkldnn_bf16_supported`) says yes to any AVX-512 CPU, so the flags are read instead."""
+    return not cpu_flags(cpuinfo_text).isdisjoint(NATIVE_BF16_FLAGS)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -460,10 +465,10 @@ def run_training(
     that model file instead of training it (stage 2 never sees stage 1's output in training, so any stage 1 fits)."""
     from fetalpipe.data.manifest import load_manifest
     from fetalpipe.runtime import console
-    from fetalpipe.runtime.cluster import connect
+    from fetalpipe.runtime.cluster import connect, ray_address_or_local
 
     started = time.perf_counter()
-    if config.bf16 and not native_bf16() and not (ray_address or os.environ.get("RAY_ADDRESS")):
+    if config.bf16 and not native_bf16() and ray_address_or_local(ray_address) == "local":
         raise ValueError("bf16 needs a CPU with native bf16 (AVX512_BF16 or AMX on x86, BF16 on ARM); this one would emulate it, "
                          "about 25x slower than fp32: train without --bf16")
     table = load_manifest(manifest_path, require_landmarks=True)
