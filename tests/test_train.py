@@ -1,7 +1,7 @@
-"""Ray Train on the embedded sample: outputs, best model served by infer, resume."""
+"""Ray Train on the embedded sample: the split, checkpoints, losses, the refinement stage and its inference. Training
+through the command (two workers, an unreadable image, outputs, resume) is in test_object_storage.py, on S3."""
 
 import os
-import re
 
 import numpy as np
 import pandas as pd
@@ -47,48 +47,6 @@ def test_checkpoint_listing_reads_each_metrics_file_once_with_a_cache(tmp_path):
     write_checkpoint("checkpoint_b", 2)  # now complete: picked up
     assert [epoch for epoch, _ in list_checkpoints(str(tmp_path), cache)] == [1, 2]
     assert [epoch for epoch, _ in list_checkpoints(str(tmp_path))] == [2, 99]  # without a cache: read afresh
-
-
-def test_two_workers_train_then_resume_then_serve(ray_local, tiny_config, sample_manifest_copy, reliability_log, tmp_path, capsys):
-    # One unreadable image among the 20: skipped with a warning and listed, never fatal.
-    table = pd.read_csv(sample_manifest_copy, dtype={"subject_id": str})
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-    table = pd.concat([table, table.head(1).assign(image_path=str(broken), subject_id="999")], ignore_index=True)
-    manifest = str(tmp_path / "with_broken.csv")
-    table.to_csv(manifest, index=False)
-
-    run_dir = tmp_path / "run"
-    result = run_training(manifest, str(run_dir), tiny_config, workers=2, threads_per_worker=1)
-    assert result["best_epoch"] == 1
-    printed = capsys.readouterr().out
-    assert "fetalpipe train\n" in printed and re.search(r"stage 1: epoch 1/1  train loss \d\.\d{4}  val loss .* val HC MAE .* mm .* ETA 0:00", printed)
-    for name in ("metrics.csv", "loss_curves.png", "model.pt", "train_config.json"):
-        assert (run_dir / name).is_file()
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert list(metrics["epoch"]) == [1]
-    assert {"train_loss", "val_loss", "val_mre_px", "val_mre_mm", "val_hc_mae_mm"} <= set(metrics.columns)
-    assert 19 <= metrics["train_images"][0] + metrics["val_images"][0] <= 20  # the broken one out (an equal 2-way split may drop one)
-    _, val_rows = split_by_subject(table, tiny_config.val_fraction)
-    assert metrics["val_images"][0] == len(val_rows) - int(str(broken) in set(val_rows["image_path"]))  # both ranks score, none twice
-    skipped = pd.read_csv(run_dir / "skipped_images.csv")
-    assert skipped["image_path"].tolist() == [str(broken)] and "corrupt or truncated" in skipped["error"][0]
-    reliability_log(area="train: input file", case="a corrupt PNG among the training images",
-                    outcome=f"skipped with a warning, listed in skipped_images.csv ({skipped['error'][0]}); training finished on the other 20")
-
-    # Rerun with more epochs on the same RUN_DIR: continues from epoch 1's checkpoint.
-    longer = type(tiny_config).from_dict({**tiny_config.to_dict(), "epochs": 2})
-    run_training(manifest, str(run_dir), longer, workers=1, threads_per_worker=1)
-    assert [epoch for epoch, _ in list_checkpoints(str(run_dir))] == [1, 2]
-    printed = capsys.readouterr().out
-    assert "stage 1: epoch 2/2" in printed and "epoch 1/2" not in printed  # a resumed run prints only its new epochs
-    assert list(pd.read_csv(run_dir / "metrics.csv")["epoch"]) == [1, 2]
-
-    model, config, payload = load_model(str(run_dir / "model.pt"))
-    # A 1-2 epoch toy model may find no head in any validation image; then selection falls back to pixel error.
-    assert config.model.base_width == 4 and payload["metrics"]["selected_by"] in ("val_hc_mae_mm", "val_mre_px")
-    summary = run_inference(InferOptions(output_dir=str(tmp_path / "out"), manifest=SAMPLE_MANIFEST, model_path=str(run_dir / "model.pt"), actors=1))
-    assert summary["rows"] == 20
 
 
 def test_changed_config_on_existing_run_dir_is_refused(ray_local, tiny_config, tmp_path):

@@ -101,6 +101,13 @@ def concatenate_rows(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarr
     return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
 
 
+def rows_with_status(batch: dict[str, np.ndarray], ok: bool) -> dict[str, np.ndarray]:
+    """The rows that decoded (`ok`) or the ones that did not. Here, not in `pipeline.train`, which imports torch: a Ray
+    Data task that runs this imports only this module (torch's import took 3 s a worker, twice per training stage)."""
+    keep = (batch["status"] == "ok") == ok
+    return {key: value[keep] for key, value in batch.items()}
+
+
 def transforms_of(batch: dict[str, np.ndarray], input_size: int) -> list[ResizeTransform]:
     """Each row's transform, from the size and scan region `decode_batch` recorded."""
     return [

@@ -366,11 +366,6 @@ def refinement_loop_per_worker(loop_config: dict) -> None:
         _checkpoint_and_report(rank, epoch, history, bare_model, optimizer, dataclasses.asdict(config), metrics)
 
 
-def _rows_with_status(batch: dict[str, np.ndarray], ok: bool) -> dict[str, np.ndarray]:
-    keep = (batch["status"] == "ok") == ok
-    return {key: value[keep] for key, value in batch.items()}
-
-
 def build_datasets(train_table: pd.DataFrame, val_table: pd.DataFrame, config: TrainConfig, blocks: int = 8):
     """Ray Data: decode/resize/scale once (materialised; float32 at 256² is ~0.26 MB an image), then
     per epoch a lazy augment + heatmap-encode stage that re-runs on every pass."""
@@ -378,7 +373,7 @@ def build_datasets(train_table: pd.DataFrame, val_table: pd.DataFrame, config: T
 
     import ray.data
 
-    from fetalpipe.pipeline.preprocess import decode_batch, encode_batch, scale_landmarks_batch
+    from fetalpipe.pipeline.preprocess import decode_batch, encode_batch, rows_with_status, scale_landmarks_batch
 
     codec = config.codec()
     columns = [c for c in train_table.columns if c in {"image_path", "subject_id", "pixel_spacing_mm", "hc_mm"} or c.endswith(("_x", "_y"))]
@@ -393,9 +388,9 @@ def build_datasets(train_table: pd.DataFrame, val_table: pd.DataFrame, config: T
         dataset = ray.data.from_pandas([part.iloc[start:start + rows_per_block] for start in range(0, len(part), rows_per_block)])
         decoded = dataset.map_batches(functools.partial(decode_batch, input_size=config.input_size), batch_format="numpy", batch_size=16).materialize()
         # Policy: an image that cannot be decoded is skipped, never fatal, and never silent (skipped_images.csv).
-        failed = decoded.select_columns(["image_path", "status", "error"]).map_batches(_rows_with_status, fn_kwargs={"ok": False}, batch_format="numpy")
+        failed = decoded.select_columns(["image_path", "status", "error"]).map_batches(rows_with_status, fn_kwargs={"ok": False}, batch_format="numpy")
         skipped.append(failed.select_columns(["image_path", "error"]).to_pandas())
-        dataset = decoded.map_batches(_rows_with_status, fn_kwargs={"ok": True}, batch_format="numpy")
+        dataset = decoded.map_batches(rows_with_status, fn_kwargs={"ok": True}, batch_format="numpy")
         dataset = dataset.map_batches(functools.partial(scale_landmarks_batch, input_size=config.input_size), batch_format="numpy", batch_size=64)
         dataset = dataset.materialize()
         encoded = dataset.map_batches(
@@ -423,7 +418,7 @@ def build_refinement_datasets(train_table: pd.DataFrame, val_table: pd.DataFrame
     import ray.data
 
     from fetalpipe import LANDMARK_COLUMNS
-    from fetalpipe.pipeline.preprocess import decode_original_batch, encode_polar_batch
+    from fetalpipe.pipeline.preprocess import decode_original_batch, encode_polar_batch, rows_with_status
 
     codec = refinement.codec()
     skipped = []
@@ -434,9 +429,9 @@ def build_refinement_datasets(train_table: pd.DataFrame, val_table: pd.DataFrame
         rows_per_block = int(np.ceil(len(part) / blocks))
         dataset = ray.data.from_pandas([part.iloc[start:start + rows_per_block] for start in range(0, len(part), rows_per_block)])
         decoded = dataset.map_batches(decode_original_batch, batch_format="numpy", batch_size=16).materialize()
-        failed = decoded.select_columns(["image_path", "status", "error"]).map_batches(_rows_with_status, fn_kwargs={"ok": False}, batch_format="numpy")
+        failed = decoded.select_columns(["image_path", "status", "error"]).map_batches(rows_with_status, fn_kwargs={"ok": False}, batch_format="numpy")
         skipped.append(failed.select_columns(["image_path", "error"]).to_pandas())
-        decoded = decoded.map_batches(_rows_with_status, fn_kwargs={"ok": True}, batch_format="numpy").materialize()
+        decoded = decoded.map_batches(rows_with_status, fn_kwargs={"ok": True}, batch_format="numpy").materialize()
         return decoded.map_batches(
             functools.partial(encode_polar_batch, codec=codec, augment=augment, jitter_scale=refinement.jitter_scale, seed=seed,
                               axis_jitter_scale=refinement.axis_jitter_scale, stage1_prior_share=stage1_prior_share),
