@@ -79,3 +79,25 @@ def test_each_subpackage_imports_only_itself_and_the_layers_below():
 def test_the_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_trainings_ray_data_steps_come_from_a_module_that_imports_no_torch():
+    """A Ray Data task imports the module that defines the function it runs. Each step training hands to `map_batches`
+    comes from pipeline.preprocess, which imports no torch: torch's import took 3 s a task worker on the 2-core AVX2 VM,
+    twice per training stage, when one of them lived in pipeline.train."""
+    import subprocess
+    import sys
+
+    from fetalpipe.pipeline import preprocess
+
+    steps = []
+    for node in ast.walk(ast.parse(open(os.path.join(PACKAGE_DIR, "pipeline", "train.py"), encoding="utf-8").read())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "map_batches":
+            step = node.args[0].args[0] if isinstance(node.args[0], ast.Call) else node.args[0]  # functools.partial(step, ...)
+            steps.append(step.id)
+    assert len(steps) >= 6
+    defined_elsewhere = [name for name in steps if getattr(getattr(preprocess, name, None), "__module__", None) != preprocess.__name__]
+    assert not defined_elsewhere, f"steps not defined in {preprocess.__name__}: {defined_elsewhere}"
+    imports = subprocess.run([sys.executable, "-c", "import sys, fetalpipe.pipeline.preprocess; print('torch' in sys.modules)"],
+                             capture_output=True, text=True, check=True)
+    assert imports.stdout.strip() == "False"
