@@ -8,8 +8,10 @@ fp32 channels_last with BatchNorm folded against int8 with each quantized engine
 build depends on the CPU: `quantize.int8_upsampling_pays`). Run with `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` it
 times AVX2 kernels on a newer CPU (the fbgemm engine ignores the first);
 median ms per image over repeats, the variants interleaved within each repeat. Accuracy (with --val-manifest):
-`fetalpipe infer --precision int8` and `--precision fp32` on the manifest, then `fetalpipe evaluate`; and how far
-the int8 landmarks are from the fp32 ones. Prints a table and writes bench/results/int8.json (or --results)."""
+`fetalpipe infer --precision int8` and `--precision fp32` on the manifest, then `fetalpipe evaluate`; how far
+the int8 landmarks are from the fp32 ones; and what building the upsampling in int8 rather than fp32 does to the
+measurements on this CPU, whichever of the two its actors build (`upsampling_accuracy`, in this process). Prints a
+table and writes bench/results/int8.json (or --results)."""
 
 from __future__ import annotations
 
@@ -29,11 +31,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_record import provenance  # noqa: E402  (bench/, the script's own folder)
 from fetalpipe.data.imaging import read_image, resize_to_model  # noqa: E402
-from fetalpipe.data.manifest import landmarks_original_px  # noqa: E402
+from fetalpipe.data.manifest import landmarks_original_px, load_manifest  # noqa: E402
 from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, load_model  # noqa: E402
 from fetalpipe.model.networks import to_model_input  # noqa: E402
 from fetalpipe.model.quantize import to_int8  # noqa: E402
-from fetalpipe.pipeline.infer import FORWARD_BATCH, load_inference_model  # noqa: E402
+from fetalpipe.model import quantize  # noqa: E402
+from fetalpipe.pipeline.infer import FORWARD_BATCH, LandmarkPredictor, load_inference_model  # noqa: E402
 
 SAMPLE_MANIFEST = os.path.join(os.path.dirname(DEFAULT_MODEL_PATH), "sample", "manifest.csv")
 
@@ -75,6 +78,37 @@ def accuracy(model_path: str, manifest: str, folder: str) -> dict:
     }
 
 
+def upsampling_accuracy(model_path: str, manifest: str, batch_size: int = 16) -> dict:
+    """The actors' own class, in this process (no Ray), in int8 with the upsampling built in int8 and in fp32, whatever
+    `quantize.int8_upsampling_pays` says of this CPU: HC MAE against the manifest's `hc_mm`, images above 5 mm, flags,
+    and how far the two builds' HC are apart (the choice's cost in accuracy on this CPU; its speed is the table's)."""
+    table = load_manifest(manifest)
+    reference_hc_mm = table["hc_mm"].to_numpy(dtype=float)
+    chosen_by_cpu = quantize.int8_upsampling_pays
+    measured = {}
+    try:
+        for name, in_int8 in (("upsampling_int8", True), ("upsampling_fp32", False)):
+            quantize.int8_upsampling_pays = lambda in_int8=in_int8: in_int8
+            predictor = LandmarkPredictor(model_path, threads=torch.get_num_threads(), precision="int8")
+            parts = [predictor({"image_path": table["image_path"].to_numpy(dtype=object)[start:start + batch_size],
+                                "pixel_spacing_mm": table["pixel_spacing_mm"].to_numpy(dtype=float)[start:start + batch_size],
+                                "run_id": np.full(len(table[start:start + batch_size]), "upsampling", dtype=object)})
+                     for start in range(0, len(table), batch_size)]
+            measured[name] = {key: np.concatenate([part[key] for part in parts]) for key in ("hc_ellipse_mm", "needs_review")}
+    finally:
+        quantize.int8_upsampling_pays = chosen_by_cpu
+    hc_difference_mm = np.abs(measured["upsampling_int8"]["hc_ellipse_mm"] - measured["upsampling_fp32"]["hc_ellipse_mm"])
+    result = {"images": int(len(table)), "this_cpu_builds": "upsampling_int8" if chosen_by_cpu() else "upsampling_fp32"}
+    for name, values in measured.items():
+        error_mm = np.abs(values["hc_ellipse_mm"] - reference_hc_mm)
+        result[name] = {"hc_ellipse_mae_mm": round(float(np.nanmean(error_mm)), 4), "images_above_5mm": int(np.sum(error_mm > 5)),
+                        "flagged": int(np.sum(values["needs_review"].astype(bool)))}
+    result["hc_difference_mm"] = {"median": round(float(np.nanmedian(hc_difference_mm)), 3), "max": round(float(np.nanmax(hc_difference_mm)), 3),
+                                  "largest_at": os.path.basename(str(table["image_path"].iloc[int(np.nanargmax(hc_difference_mm))]))}
+    result["flags_changed"] = int(np.sum(measured["upsampling_int8"]["needs_review"].astype(bool) != measured["upsampling_fp32"]["needs_review"].astype(bool)))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=DEFAULT_MODEL_PATH, help="a model file with int8 parameters (written by `fetalpipe calibrate`)")
@@ -114,6 +148,7 @@ def main() -> None:
     if args.val_manifest:
         with tempfile.TemporaryDirectory() as folder:
             results["accuracy"] = accuracy(args.model, args.val_manifest, folder)
+        results["upsampling_accuracy"] = upsampling_accuracy(args.model, args.val_manifest)
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     with open(args.results, "w") as handle:
         json.dump(results, handle, indent=2)
@@ -122,7 +157,7 @@ def main() -> None:
         fp32_ms = by_name["fp32 channels_last"]
         print(f"  {threads} thread(s): " + ", ".join(f"{name} {ms:.1f} ({fp32_ms / ms:.2f}x)" for name, ms in by_name.items()))
     if "accuracy" in results:
-        print(json.dumps(results["accuracy"], indent=2))
+        print(json.dumps({key: results[key] for key in ("accuracy", "upsampling_accuracy")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ def convert(prepared: nn.Module, upsampling_in_int8: bool | None = None) -> torc
 def int8_upsampling_pays() -> bool:
     """Whether the transposed convolutions run in int8 by default: on CPUs with VNNI (int8 dot products summed without
     int16 saturation) that made stage 1's forward pass 14-15 % faster and moved validation HC by at most 0.15 mm an
-    image; with oneDNN limited to AVX2 it was no faster and moved one image by 1.2 mm (docs/performance.md)."""
+    image; on an AVX2-only CPU it gained 2-14 % of stage 1's forward pass at 1 thread, nothing steady at 2, and moved one
+    validation image by 1.2 mm and one review flag (docs/performance.md)."""
     is_vnni_supported = getattr(torch.cpu, "_is_vnni_supported", None)  # private in torch 2.13: absent means no
     return bool(is_vnni_supported()) if is_vnni_supported is not None else False
 
