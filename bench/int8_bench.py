@@ -34,7 +34,6 @@ from fetalpipe.data.imaging import read_image, resize_to_model  # noqa: E402
 from fetalpipe.data.manifest import landmarks_original_px, load_manifest  # noqa: E402
 from fetalpipe.model.model_file import DEFAULT_MODEL_PATH, load_model  # noqa: E402
 from fetalpipe.model.networks import to_model_input  # noqa: E402
-from fetalpipe.model.quantize import to_int8  # noqa: E402
 from fetalpipe.model import quantize  # noqa: E402
 from fetalpipe.pipeline.infer import FORWARD_BATCH, LandmarkPredictor, load_inference_model  # noqa: E402
 
@@ -90,10 +89,11 @@ def upsampling_accuracy(model_path: str, manifest: str, batch_size: int = 16) ->
         for name, in_int8 in (("upsampling_int8", True), ("upsampling_fp32", False)):
             quantize.int8_upsampling_pays = lambda in_int8=in_int8: in_int8
             predictor = LandmarkPredictor(model_path, threads=torch.get_num_threads(), precision="int8")
-            parts = [predictor({"image_path": table["image_path"].to_numpy(dtype=object)[start:start + batch_size],
-                                "pixel_spacing_mm": table["pixel_spacing_mm"].to_numpy(dtype=float)[start:start + batch_size],
-                                "run_id": np.full(len(table[start:start + batch_size]), "upsampling", dtype=object)})
-                     for start in range(0, len(table), batch_size)]
+            parts = []
+            for start in range(0, len(table), batch_size):
+                chunk = table.iloc[start:start + batch_size]
+                parts.append(predictor({"image_path": chunk["image_path"].to_numpy(dtype=object), "run_id": np.full(len(chunk), "upsampling", dtype=object),
+                                        "pixel_spacing_mm": chunk["pixel_spacing_mm"].to_numpy(dtype=float)}))
             measured[name] = {key: np.concatenate([part[key] for part in parts]) for key in ("hc_ellipse_mm", "needs_review")}
     finally:
         quantize.int8_upsampling_pays = chosen_by_cpu
@@ -124,7 +124,7 @@ def main() -> None:
     batch = to_model_input(np.stack(images))
 
     def int8(engine: str, upsampling_in_int8: bool) -> torch.nn.Module:
-        return to_int8(load_model(args.model)[0], payload["int8_quantization"], config.input_size, engine, upsampling_in_int8=upsampling_in_int8)
+        return quantize.to_int8(load_model(args.model)[0], payload["int8_quantization"], config.input_size, engine, upsampling_in_int8=upsampling_in_int8)
 
     # name -> (model, the quantized engine its weights were packed for)
     variants = {"fp32 channels_last": (fp32, "onednn")}
