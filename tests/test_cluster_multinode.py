@@ -54,7 +54,24 @@ def wait_for_nodes(address: str, count: int, timeout_s: float = 90) -> None:
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path):
+def ray_address_file_kept():
+    """`ray start --head` records its address in Ray's "current cluster" file, which a plain `ray.init()` or `ray status`
+    on this machine then tries to join; the head dies with the test, so the file is put back as it was."""
+    from ray._private.utils import get_ray_address_file
+
+    path = get_ray_address_file(None)
+    before = open(path).read() if os.path.exists(path) else None
+    yield
+    if before is None:
+        if os.path.exists(path):
+            os.remove(path)
+    else:
+        with open(path, "w") as handle:
+            handle.write(before)
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path, ray_address_file_kept):
     port = free_port()
     address = f"127.0.0.1:{port}"
     head = start_node(["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false"], tmp_path / "head.log")
