@@ -25,7 +25,7 @@ CONTRACT_COLUMNS = [
     "pixel_spacing_mm", "ofd_mm", "bpd_mm", "hc_mm", "hc_ellipse_mm", "ga_from_hc_weeks", "hc_z_intergrowth21", "hc_centile_intergrowth21",
     "confidence", "needs_review", "review_reason",
     "stage_disagreement_mm", "outline_fit_residual_mm", "outline_spread_mm", "outline_outside_frame", "axis_ratio", "head_size_fraction",
-    "size_calibration_scale", "model_sha256", "precision", "fetalpipe_version",
+    "size_calibration_scale", "model_sha256", "precision", "int8_upsampling", "fetalpipe_version",
 ]
 
 
@@ -111,7 +111,7 @@ def test_contract_errors_resume_and_idempotency(ray_local, tiny_model_path, arch
     assert "<span id='count-error'>5</span>" in (output / "report.html").read_text()
     record = json.loads((output / "run.json").read_text())
     assert record["counts"] == {"rows": 10, "ok": 5, "error": 5, "needs_review": int(csv["needs_review"].astype(bool).sum()), "ok_without_spacing": 0,
-                                "processed_this_run": 7}
+                                "int8_upsampling": int(csv["int8_upsampling"].sum()), "processed_this_run": 7}
     assert record["model_sha256"] == ok["model_sha256"].iloc[0]
 
     # Rerun: nothing to do, identical rows, also for a file whose time changed but not its content (a copy, a touch).
@@ -470,3 +470,25 @@ def test_an_actor_measures_a_batch_in_parts_of_bounded_decoded_size_with_the_sam
     for column in (*LANDMARK_COLUMNS, "hc_ellipse_mm", "confidence"):
         np.testing.assert_allclose(np.asarray(by_row[column], float), np.asarray(whole[column], float), atol=1e-6)
     assert list(by_row["needs_review"]) == list(whole["needs_review"])
+
+
+def test_each_row_says_whether_its_node_ran_the_upsampling_in_int8(tmp_path, monkeypatch):
+    """Nodes of one cluster can build different int8 models (the upsampling in int8 only on CPUs with VNNI), and their
+    measurements can differ by a mm: every row, error rows too, says which build measured it."""
+    from fetalpipe.model import quantize
+    from fetalpipe.model.model_file import DEFAULT_MODEL_PATH
+    from fetalpipe.pipeline.infer import LandmarkPredictor
+    from fetalpipe.pipeline.report import _precision
+
+    paths = [os.path.join(SAMPLE_DIR, path) for path in pd.read_csv(SAMPLE_MANIFEST)["image_path"].head(2)] + [str(tmp_path / "missing.png")]
+    batch = {"image_path": np.array(paths, dtype=object), "pixel_spacing_mm": np.full(3, 0.15), "run_id": np.full(3, "t", dtype=object)}
+    for cpu_has_vnni in (True, False):
+        monkeypatch.setattr(quantize, "int8_upsampling_pays", lambda: cpu_has_vnni)
+        rows = LandmarkPredictor(DEFAULT_MODEL_PATH, threads=1, precision="int8")(dict(batch))
+        assert list(rows["status"]) == ["ok", "ok", "error"]
+        assert rows["int8_upsampling"].dtype == bool and list(rows["int8_upsampling"]) == [cpu_has_vnni] * 3
+    monkeypatch.setattr(quantize, "int8_upsampling_pays", lambda: True)
+    assert not LandmarkPredictor(DEFAULT_MODEL_PATH, threads=1, precision="fp32")(dict(batch))["int8_upsampling"].any()
+    assert _precision({"precision": "int8", "counts": {"rows": 1005, "int8_upsampling": 600}}) == \
+        "int8; upsampling in int8 (CPUs with VNNI) on 600 of 1,005 rows, in fp32 on the rest"
+    assert _precision({"precision": "fp32", "counts": {"rows": 3, "int8_upsampling": 0}}) == "fp32"

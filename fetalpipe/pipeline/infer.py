@@ -225,6 +225,7 @@ class LandmarkPredictor:
         from fetalpipe.measure.calibration import SizeCalibration
         from fetalpipe.measure.review import ReviewRules
         from fetalpipe.model.model_file import file_sha256, load_refinement_model
+        from fetalpipe.model.quantize import Int8Upsample2x
 
         torch.set_num_threads(threads)
         model_path = storage.local_copy(model_path)  # an object-store model: downloaded once per node
@@ -237,6 +238,9 @@ class LandmarkPredictor:
         self.polar_codec = self.config.refinement.codec() if refinement is not None else None
         self.refinement = None if refinement is None else inference_network(
             refinement, precision, payload.get("refinement_int8_quantization"), self.polar_codec.input_shape)
+        # Which int8 build this node made follows its CPU (`quantize.int8_upsampling_pays`): rows say which measured them.
+        self.int8_upsampling = any(isinstance(module, Int8Upsample2x) for network in (self.model, self.refinement)
+                                   if network is not None for module in network.modules())
         self.model_sha256 = file_sha256(model_path)
         self.flip_average = flip_average
         self.predictions_dir = predictions_dir
@@ -483,6 +487,7 @@ class LandmarkPredictor:
         output["size_calibration_scale"] = calibration_scale  # 1: not calibrated (no calibration in the model, or no spacing)
         output["model_sha256"] = np.full(count, self.model_sha256, dtype=object)
         output["precision"] = np.full(count, self.precision, dtype=object)
+        output["int8_upsampling"] = np.full(count, self.int8_upsampling, dtype=bool)
         output["fetalpipe_version"] = np.full(count, __version__, dtype=object)
         return output
 
@@ -593,6 +598,8 @@ def run_inference(options: InferOptions) -> dict:
         "rows": int(len(final)), "ok": int((final["status"] == "ok").sum()), "error": int((final["status"] == "error").sum()),
         "needs_review": int(final["needs_review"].fillna(False).astype(bool).sum()) if "needs_review" in final else 0,
         "ok_without_spacing": int(((final["status"] == "ok") & final.get("pixel_spacing_mm", pd.Series(np.nan, index=final.index)).isna()).sum()),
+        # A cluster's nodes build the int8 model by their CPU (`quantize.int8_upsampling_pays`): how many rows each build measured.
+        "int8_upsampling": int(final["int8_upsampling"].fillna(False).astype(bool).sum()) if "int8_upsampling" in final else 0,
         "processed_this_run": int(len(pending)), "seconds": round(time.perf_counter() - started, 3),
         "pipeline_seconds": round(pipeline_seconds, 3),
         "images_per_second": round(len(pending) / pipeline_seconds, 2) if pipeline_seconds else None,
@@ -600,7 +607,7 @@ def run_inference(options: InferOptions) -> dict:
     run_record = {
         "run_id": run_id, "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "options": asdict(options), "model_path": model_path, "model_sha256": model_sha256,
-        "precision": precision, "versions": _versions(), "counts": {k: summary[k] for k in ("rows", "ok", "error", "needs_review", "ok_without_spacing", "processed_this_run")},
+        "precision": precision, "versions": _versions(), "counts": {k: summary[k] for k in ("rows", "ok", "error", "needs_review", "ok_without_spacing", "int8_upsampling", "processed_this_run")},
         "timings": {k: summary[k] for k in ("seconds", "pipeline_seconds", "images_per_second")},
         "command": " ".join(["fetalpipe", *sys.argv[1:]]) if os.path.basename(sys.argv[0]) == "fetalpipe" else " ".join(sys.argv),
         "input": options.manifest or options.input_glob,

@@ -23,7 +23,7 @@ CLINICAL_COLUMNS = ("ga_from_hc_weeks", "hc_z_intergrowth21", "hc_centile_interg
 NUMERIC_MANIFEST_COLUMNS = ("pixel_spacing_mm", "gestational_age_weeks", "gestational_age_days", "file_size_bytes", "file_mtime_ns")
 OUTPUT_COLUMNS = (
     "image_path", "status", "error", *LANDMARK_COLUMNS, *BIOMETRY_COLUMNS[:4], "pixel_spacing_mm", *BIOMETRY_COLUMNS[4:], *CLINICAL_COLUMNS,
-    "confidence", "needs_review", "review_reason", *REVIEW_SIGNAL_COLUMNS, "size_calibration_scale", "model_sha256", "precision", "fetalpipe_version", "file_sha256", "file_size_bytes", "file_mtime_ns", "original_width", "original_height", "run_id",
+    "confidence", "needs_review", "review_reason", *REVIEW_SIGNAL_COLUMNS, "size_calibration_scale", "model_sha256", "precision", "int8_upsampling", "fetalpipe_version", "file_sha256", "file_size_bytes", "file_mtime_ns", "original_width", "original_height", "run_id",
 )
 # What a row without a pixel spacing loses: mm and the size line, and the review rule's strongest signals, which are in
 # mm. Such a row is scored by the model's second rule, on the lengths as fractions of the head (`review.ReviewRules`);

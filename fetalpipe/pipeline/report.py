@@ -93,13 +93,22 @@ def _provenance(run: dict) -> str:
         ("model", f"<code>{html.escape(str(run.get('model_path', '')))}</code>"),
         ("model sha256", f"<code>{html.escape(str(run.get('model_sha256', '')))}</code>"),
         ("fetalpipe", html.escape(str(versions.get("fetalpipe", "")))),
-        ("precision", html.escape(str(run.get("precision", "")))),
+        ("precision", html.escape(_precision(run))),
         ("run id", html.escape(str(run.get("run_id", "")))),
         ("finished", html.escape(str(run.get("finished_at", "")))),
         ("input", f"<code>{html.escape(str(run.get('input', '')))}</code>"),
         ("command", f"<code>{html.escape(str(run.get('command', '')))}</code>"),
     ]
     return "<h2>Provenance</h2>" + _table(rows)
+
+
+def _precision(run: dict) -> str:
+    """The arithmetic, and under int8 on how many rows the upsampling ran in int8: each node decides by its CPU."""
+    precision, counts = str(run.get("precision", "")), run.get("counts", {})
+    if precision != "int8" or "int8_upsampling" not in counts:
+        return precision
+    rows, in_int8 = counts.get("rows", 0), counts["int8_upsampling"]
+    return f"int8; upsampling in int8 (CPUs with VNNI) on {in_int8:,} of {rows:,} rows, in fp32 on the rest"
 
 
 def _counts(rows: int, ok: int, error: int, flagged: int, run: dict, without_spacing: int = 0) -> str:
