@@ -3,6 +3,10 @@ two 1-thread Ray workers ≈ 2 × the 1-thread figure, minus gradient all-reduce
 
     python bench/train_step_bench.py --repeats 3
     python bench/train_step_bench.py --repeats 3 --configs fast_deep --results bench/results/train_step_amx.json
+    python bench/train_step_bench.py --repeats 3 --configs refinement --batch-size 16 --results bench/results/train_step_refinement_amx.json
+
+`refinement` is the refinement stage's network on its polar crops (`RefinementConfig`'s model and crop shape); every
+other name is a stage-1 network (`MODEL_CONFIGS`) on 256² inputs.
 
 bf16 is timed with and without channels_last: on CPUs with native bf16 (AVX512_BF16, AMX) it is the fast one, elsewhere
 emulated and about 25x slower (`--no-bf16` skips it). Prints a table (median img/s over repeats) and writes
@@ -21,6 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fetalpipe.model.config import RefinementConfig  # noqa: E402
 from fetalpipe.model.networks import MODEL_CONFIGS, HeatmapUNet  # noqa: E402
 from bench_record import provenance  # noqa: E402  (bench/, the script's own folder)
 
@@ -28,11 +33,15 @@ from bench_record import provenance  # noqa: E402  (bench/, the script's own fol
 def images_per_second(config_name: str, threads: int, bf16: bool, channels_last: bool, batch_size: int, steps: int) -> float:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = HeatmapUNet(MODEL_CONFIGS[config_name])
+    if config_name == "refinement":
+        refinement = RefinementConfig()
+        model, input_shape = HeatmapUNet(refinement.model), refinement.codec().input_shape  # (rays, radial samples)
+    else:
+        model, input_shape = HeatmapUNet(MODEL_CONFIGS[config_name]), (256, 256)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    images = torch.rand(batch_size, 1, 256, 256).contiguous(memory_format=memory_format)
+    images = torch.rand(batch_size, 1, *input_shape).contiguous(memory_format=memory_format)
     timings = []
     for step in range(steps + 1):
         started = time.perf_counter()
