@@ -490,5 +490,5 @@ def test_each_row_says_whether_its_node_ran_the_upsampling_in_int8(tmp_path, mon
     monkeypatch.setattr(quantize, "int8_upsampling_pays", lambda: True)
     assert not LandmarkPredictor(DEFAULT_MODEL_PATH, threads=1, precision="fp32")(dict(batch))["int8_upsampling"].any()
     assert _precision({"precision": "int8", "counts": {"rows": 1005, "int8_upsampling": 600}}) == \
-        "int8; upsampling in int8 (CPUs with VNNI) on 600 of 1,005 rows, in fp32 on the rest"
+        "int8; the upsampling in int8 (CPUs with VNNI) on 600 of 1,005 rows"
     assert _precision({"precision": "fp32", "counts": {"rows": 3, "int8_upsampling": 0}}) == "fp32"

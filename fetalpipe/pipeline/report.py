@@ -108,7 +108,7 @@ def _precision(run: dict) -> str:
     if precision != "int8" or "int8_upsampling" not in counts:
         return precision
     rows, in_int8 = counts.get("rows", 0), counts["int8_upsampling"]
-    return f"int8; upsampling in int8 (CPUs with VNNI) on {in_int8:,} of {rows:,} rows, in fp32 on the rest"
+    return f"int8; the upsampling in int8 (CPUs with VNNI) on {in_int8:,} of {rows:,} rows"  # rows of an older version may not say
 
 
 def _counts(rows: int, ok: int, error: int, flagged: int, run: dict, without_spacing: int = 0) -> str:
