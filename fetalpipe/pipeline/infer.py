@@ -598,7 +598,7 @@ def run_inference(options: InferOptions) -> dict:
         "rows": int(len(final)), "ok": int((final["status"] == "ok").sum()), "error": int((final["status"] == "error").sum()),
         "needs_review": int(final["needs_review"].fillna(False).astype(bool).sum()) if "needs_review" in final else 0,
         "ok_without_spacing": int(((final["status"] == "ok") & final.get("pixel_spacing_mm", pd.Series(np.nan, index=final.index)).isna()).sum()),
-        # A cluster's nodes build the int8 model by their CPU (`quantize.int8_upsampling_pays`): how many rows each build measured.
+        # A cluster's nodes build the int8 model by their CPU (`quantize.int8_upsampling_pays`): the rows its int8 upsampling measured.
         "int8_upsampling": int(final["int8_upsampling"].fillna(False).astype(bool).sum()) if "int8_upsampling" in final else 0,
         "processed_this_run": int(len(pending)), "seconds": round(time.perf_counter() - started, 3),
         "pipeline_seconds": round(pipeline_seconds, 3),
