@@ -89,8 +89,7 @@ def upsampling_accuracy(model_path: str, manifest: str, batch_size: int = 16) ->
         for name, in_int8 in (("upsampling_int8", True), ("upsampling_fp32", False)):
             quantize.int8_upsampling_pays = lambda in_int8=in_int8: in_int8
             predictor = LandmarkPredictor(model_path, threads=torch.get_num_threads(), precision="int8")
-            built_in_int8 = any(isinstance(module, quantize.Int8Upsample2x) for module in predictor.model.modules())
-            assert built_in_int8 == in_int8, "the int8 build no longer asks quantize.int8_upsampling_pays: both builds would be the same"
+            assert predictor.int8_upsampling == in_int8, "the int8 build no longer asks quantize.int8_upsampling_pays: both builds would be the same"
             parts = []
             for start in range(0, len(table), batch_size):
                 chunk = table.iloc[start:start + batch_size]
