@@ -87,10 +87,15 @@ def _cmd_infer(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    from fetalpipe.measure.review import LARGE_ERROR_MM
     from fetalpipe.pipeline.evaluate import evaluate_predictions
 
     summary = evaluate_predictions(args.predictions, args.manifest, args.output)
     print(json.dumps(summary, indent=2))
+    if summary["images_missing_prediction"]:
+        print(f"fetalpipe evaluate: {summary['images_missing_prediction']} of the manifest's {summary['images_in_manifest']} images have no "
+              f"measurement ({args.output}/unmeasured_images.csv says why); they count as failures in the SDR and the images over "
+              f"{LARGE_ERROR_MM:g} mm, and the MAEs are over the {summary['images']} measured", file=sys.stderr)
     return 0
 
 

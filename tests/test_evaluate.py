@@ -62,3 +62,28 @@ def test_evaluate_says_when_every_matched_prediction_is_an_error_row(tmp_path):
     predictions.to_parquet(tmp_path / "out" / "predictions" / "part-0.parquet")
     with pytest.raises(ValueError, match="no prediction matches a manifest image_path"):
         evaluate_predictions(str(tmp_path / "out"), SAMPLE_MANIFEST, str(tmp_path / "report"))
+
+
+def test_an_unmeasured_image_counts_as_a_failure_and_is_listed_with_why(tmp_path):
+    reference = load_manifest(SAMPLE_MANIFEST, require_landmarks=True)
+    predictions = reference[["image_path", *LANDMARK_COLUMNS]].copy()
+    predictions["status"], predictions["error"] = "ok", ""
+    os.makedirs(tmp_path / "all" / "predictions")
+    predictions.to_parquet(tmp_path / "all" / "predictions" / "part-0.parquet")
+    perfect = evaluate_predictions(str(tmp_path / "all"), SAMPLE_MANIFEST, str(tmp_path / "report_all"))
+    assert perfect["sdr_2mm"] == pytest.approx(1.0) and perfect["hc_ellipse_images_over_5mm"] == 0
+    assert perfect["images_missing_prediction"] == 0 and perfect["images_in_manifest"] == 20
+
+    lost, absent = reference["image_path"].iloc[0], reference["image_path"].iloc[1]
+    predictions.loc[predictions["image_path"] == lost, [*LANDMARK_COLUMNS]] = np.nan
+    predictions.loc[predictions["image_path"] == lost, ["status", "error"]] = ["error", "no fetal head found"]
+    predictions = predictions[predictions["image_path"] != absent]
+    os.makedirs(tmp_path / "some" / "predictions")
+    predictions.to_parquet(tmp_path / "some" / "predictions" / "part-0.parquet")
+    summary = evaluate_predictions(str(tmp_path / "some"), SAMPLE_MANIFEST, str(tmp_path / "report_some"))
+    assert summary["images"] == 18 and summary["images_in_manifest"] == 20 and summary["images_missing_prediction"] == 2
+    assert summary["sdr_2mm"] == pytest.approx(18 / 20)  # the 8 landmarks never found are misses, not left out
+    assert summary["hc_ellipse_images_over_5mm"] == 2
+    assert summary["hc_ellipse_mae_mm"] == pytest.approx(perfect["hc_ellipse_mae_mm"], abs=0.2)  # over the measured 18
+    unmeasured = pd.read_csv(tmp_path / "report_some" / "unmeasured_images.csv").set_index("image_path")["reason"]
+    assert unmeasured.to_dict() == {lost: "no fetal head found", absent: "no prediction row"}

@@ -1,6 +1,8 @@
 """Accuracy of predicted landmarks against reference landmarks: radial errors, success detection
 rates, and BPD/OFD/HC differences in mm. Endpoints are matched within each diameter in whichever
-pairing is closer, so OFD1/OFD2 naming never counts as an error."""
+pairing is closer, so OFD1/OFD2 naming never counts as an error. A manifest image without a
+measurement (an error row, or no row) is a failure in the SDR and the count of large errors: a lost
+head must not make a model look better."""
 
 from __future__ import annotations
 
@@ -108,8 +110,35 @@ def _why_nothing_to_score(predictions: pd.DataFrame, reference: pd.DataFrame) ->
             + (f"; the most frequent error: {most_common}" if most_common else ""))
 
 
+def _unmeasured_images(reference: pd.DataFrame, joined: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
+    """The manifest's images without a measurement, each with why: its error row's message, or that it has no row."""
+    missing = reference.loc[~reference["image_path"].isin(joined["image_path"]), ["image_path"]]
+    if "pixel_spacing_mm" in reference:
+        missing["pixel_spacing_mm"] = reference.loc[missing.index, "pixel_spacing_mm"]
+    messages = predictions.dropna(subset=["image_path"]).drop_duplicates("image_path", keep="last").set_index("image_path")
+    messages = messages["error"].fillna("").astype(str) if "error" in messages else pd.Series("", index=messages.index, dtype=str)
+    missing["reason"] = [(messages[path] or "error row without a message") if path in messages.index else "no prediction row"
+                         for path in missing["image_path"]]
+    return missing.reset_index(drop=True)
+
+
+def _count_unmeasured_as_failures(summary: dict, unmeasured: pd.DataFrame) -> None:
+    """Fold the unmeasured images into `summary`: none of their landmarks is within any SDR radius, and each counts as an
+    image above the large-error threshold. The MAEs and MRE stay over the measured images (`images`)."""
+    with_spacing = int(unmeasured["pixel_spacing_mm"].notna().sum()) if "pixel_spacing_mm" in unmeasured else 0
+    measured_with_spacing = summary.get("images_with_spacing", 0)
+    for threshold in SDR_THRESHOLDS_MM:
+        key = f"sdr_{threshold:g}mm"
+        if key in summary and with_spacing:
+            summary[key] *= measured_with_spacing / (measured_with_spacing + with_spacing)
+    summary[f"hc_ellipse_images_over_{LARGE_ERROR_MM:g}mm"] += len(unmeasured)
+    summary["images_in_manifest"] = summary["images"] + len(unmeasured)
+    summary["images_missing_prediction"] = len(unmeasured)
+
+
 def evaluate_predictions(predictions_dir: str, manifest_path: str, output_dir: str) -> dict[str, float]:
-    """`fetalpipe evaluate`: join predictions to the reference manifest by image path, write the report."""
+    """`fetalpipe evaluate`: join predictions to the reference manifest by image path, write the report (metrics.json,
+    per_image_errors.csv over the measured images, unmeasured_images.csv, bland_altman_hc.png)."""
     from fetalpipe.data.manifest import landmarks_original_px, load_manifest
     from fetalpipe.pipeline.predictions import REVIEW_SIGNAL_COLUMNS, read_predictions
 
@@ -135,8 +164,10 @@ def evaluate_predictions(predictions_dir: str, manifest_path: str, output_dir: s
         flagged = errors["needs_review"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
         summary["flagged_fraction"] = float(flagged.mean())
         summary[f"flagged_of_images_over_{LARGE_ERROR_MM:g}mm"] = float(flagged[large.to_numpy()].mean()) if large.any() else None
-    summary["images_missing_prediction"] = int(len(reference) - len(joined))
+    unmeasured = _unmeasured_images(reference, joined, predictions)
+    _count_unmeasured_as_failures(summary, unmeasured)
     storage.makedirs(output_dir)
+    storage.write_text(storage.join(output_dir, "unmeasured_images.csv"), unmeasured.to_csv(index=False))
     storage.write_text(storage.join(output_dir, "per_image_errors.csv"), errors.to_csv(index=False))
     storage.write_text(storage.join(output_dir, "metrics.json"), json.dumps(summary, indent=2))
     bland_altman_plot(errors, "hc_ellipse_diff_mm", storage.join(output_dir, "bland_altman_hc.png"))
