@@ -87,3 +87,18 @@ def test_an_unmeasured_image_counts_as_a_failure_and_is_listed_with_why(tmp_path
     assert summary["hc_ellipse_mae_mm"] == pytest.approx(perfect["hc_ellipse_mae_mm"], abs=0.2)  # over the measured 18
     unmeasured = pd.read_csv(tmp_path / "report_some" / "unmeasured_images.csv").set_index("image_path")["reason"]
     assert unmeasured.to_dict() == {lost: "no fetal head found", absent: "no prediction row"}
+
+
+def test_hc_error_is_reported_apart_for_the_flagged_and_the_other_images(tmp_path):
+    reference = load_manifest(SAMPLE_MANIFEST, require_landmarks=True)
+    predictions = reference[["image_path", *LANDMARK_COLUMNS]].copy()
+    predictions["status"], predictions["needs_review"] = "ok", False
+    flagged = predictions.index[:4]
+    predictions.loc[flagged, "needs_review"] = True
+    predictions.loc[flagged, ["ofd2_x"]] += 100.0  # OFD 100 px longer: several mm of HC on the flagged images only
+    os.makedirs(tmp_path / "out" / "predictions")
+    predictions.to_parquet(tmp_path / "out" / "predictions" / "part-0.parquet")
+    summary = evaluate_predictions(str(tmp_path / "out"), SAMPLE_MANIFEST, str(tmp_path / "report"))
+    assert summary["flagged_fraction"] == pytest.approx(4 / 20)
+    assert summary["hc_ellipse_mae_mm_not_flagged"] < 0.2 < 5 < summary["hc_ellipse_mae_mm_flagged"]
+    assert summary["hc_ellipse_mae_mm"] == pytest.approx((16 * summary["hc_ellipse_mae_mm_not_flagged"] + 4 * summary["hc_ellipse_mae_mm_flagged"]) / 20)

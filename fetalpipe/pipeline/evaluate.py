@@ -164,6 +164,9 @@ def evaluate_predictions(predictions_dir: str, manifest_path: str, output_dir: s
         flagged = errors["needs_review"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
         summary["flagged_fraction"] = float(flagged.mean())
         summary[f"flagged_of_images_over_{LARGE_ERROR_MM:g}mm"] = float(flagged[large.to_numpy()].mean()) if large.any() else None
+        # What a user who reviews the flagged rows gets from the rest, and what the flag set aside.
+        for name, rows in (("not_flagged", ~flagged), ("flagged", flagged)):
+            summary[f"hc_ellipse_mae_mm_{name}"] = float(errors.loc[rows, "hc_ellipse_diff_mm"].abs().mean()) if rows.any() else None
     unmeasured = _unmeasured_images(reference, joined, predictions)
     _count_unmeasured_as_failures(summary, unmeasured)
     storage.makedirs(output_dir)
