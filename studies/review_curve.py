@@ -9,7 +9,8 @@
 the calibrated model; the errors are taken after the model's size line, as `calibrate` takes them). For each flag budget the rule is fitted there exactly as `calibrate` fits it
 (`review.ReviewRule.fit`), then applied to each labelled set given by `--set NAME=GLOB` (evaluate's per-image CSVs,
 which carry the signals). The row marked "shipped" is the rule stored in --model. For comparison: flagging the
-lowest-confidence images alone (stage 1's map confidence), at the same share. Prints the table and writes
+lowest-confidence images alone (stage 1's map confidence), at the same share. Last in each cell, the HC MAE of the images
+the rule leaves unflagged. Prints the table and writes
 studies/results/review_curve.json (or --results)."""
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main() -> None:
             row[name] = {**curve, "lowest_confidence_caught_fraction": lowest_confidence_catch(table, curve["flagged_fraction"])}
         rows.append(row)
     names = ["train", *sets]
-    print("| rule | " + " | ".join(f"{name}: flagged, caught (lowest confidence)" for name in names) + " |")
+    print("| rule | " + " | ".join(f"{name}: flagged, caught (lowest confidence); HC MAE of the others" for name in names) + " |")
     print("|---|" + "---|" * len(names))
     for row in rows:
         cells = []
@@ -81,7 +82,9 @@ def main() -> None:
             figures = row[name]
             caught = "—" if figures["caught_fraction"] is None else f"{figures['caught']}/{figures['large_errors']} = {figures['caught_fraction']:.0%}"
             baseline = figures["lowest_confidence_caught_fraction"]
-            cells.append(f"{figures['flagged_fraction']:.1%}, {caught} ({'—' if baseline is None else f'{baseline:.0%}'})")
+            rest = figures["not_flagged_hc_mae_mm"]
+            cells.append(f"{figures['flagged_fraction']:.1%}, {caught} ({'—' if baseline is None else f'{baseline:.0%}'}); "
+                         f"{'—' if rest is None else f'{rest:.2f} mm'}")
         print(f"| {row['rule']} | " + " | ".join(cells) + " |")
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
     with open(args.results, "w") as handle:

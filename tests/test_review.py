@@ -33,6 +33,9 @@ def test_fit_catches_the_large_errors_a_signal_shows_within_the_flag_budget():
     curve = catch_curve(table, errors, rule)
     assert curve["flagged_fraction"] <= 0.10
     assert curve["caught_fraction"] == 1.0
+    needs_review, _ = rule.apply(table)
+    assert curve["not_flagged_hc_mae_mm"] == pytest.approx(errors[~needs_review].mean())
+    assert curve["not_flagged_hc_mae_mm"] < errors.mean() - 0.3  # the 8 mm errors are all among the flagged
     # The signal that shows the large errors carries the largest weight.
     assert rule.signals[int(np.argmax(np.abs(rule.weights)))] == "stage_disagreement_mm"
 

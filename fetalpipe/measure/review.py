@@ -214,11 +214,14 @@ class ReviewRules:
 
 
 def catch_curve(signals: pd.DataFrame, hc_abs_error_mm: np.ndarray, rule: ReviewRule, large_error_mm: float = LARGE_ERROR_MM) -> dict:
-    """What `rule` flags on a labelled set, and how many of its large errors it catches."""
+    """What `rule` flags on a labelled set, how many of its large errors it catches, and the HC MAE of the images it
+    leaves unflagged (what a user who reviews the flagged ones gets from the rest)."""
     needs_review, _ = rule.apply(signals)
-    large = np.asarray(hc_abs_error_mm, dtype=np.float64) > large_error_mm
+    errors = np.asarray(hc_abs_error_mm, dtype=np.float64)
+    large = errors > large_error_mm
     return {
         "images": int(len(large)), "flagged": int(needs_review.sum()), "flagged_fraction": float(needs_review.mean()) if len(large) else 0.0,
         "large_errors": int(large.sum()), "caught": int((needs_review & large).sum()),
         "caught_fraction": float((needs_review & large).sum() / large.sum()) if large.any() else None,
+        "not_flagged_hc_mae_mm": float(errors[~needs_review].mean()) if (~needs_review).any() else None,
     }
